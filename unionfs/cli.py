@@ -1,0 +1,193 @@
+"""``unionfs-mount``: the command line and the mount's life cycle.
+
+Without ``-f`` the command forks a daemon and returns only once the mount
+answers a ``stat`` (or with the daemon's one-line error), like every FUSE
+tool.  The daemon unmounts cleanly on SIGTERM/SIGINT/SIGHUP and exits by
+itself after ``fusermount3 -u``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import logging
+import logging.handlers
+import os
+import resource
+import signal
+import sys
+
+import pyfuse3
+import trio
+
+from . import __version__
+from .layers import LayerStack
+from .operations import UnionOperations
+from .options import ConfigError, MountConfig, build_config, check_paths
+
+log = logging.getLogger("unionfs")
+
+
+def parse_args(argv: list[str]) -> MountConfig:
+    parser = argparse.ArgumentParser(
+        prog="unionfs-mount",
+        description=(
+            "Mount a union of read-only LOWER directories (leftmost on top, as in overlayfs'"
+            " lowerdir=) and a writable UPPER directory at MNT, without root."
+        ),
+        epilog=(
+            "Options for -o: ro, workdir=DIR, timeout=S, entry_timeout=S, attr_timeout=S,"
+            " negative_timeout=S, whiteout=kernel|oci, nonempty, allow_other, noallow_other,"
+            " fsname=NAME, lowerdir=L1:L2, upperdir=DIR, and the mount flags nosuid, nodev,"
+            " noexec, noatime, ... (see README). Unmount with: fusermount3 -u MNT"
+        ),
+    )
+    parser.add_argument("paths", nargs="+", metavar="LOWER1[:LOWER2...] [UPPER] MNT")
+    parser.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
+    parser.add_argument("-d", "--debug", action="store_true", help="log every request (implies -f)")
+    parser.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]")
+    parser.add_argument("--version", action="version", version=f"unionfs {__version__}")
+    args = parser.parse_args(argv)
+    return build_config(args.paths, args.options, args.foreground or args.debug, args.debug)
+
+
+def _raise_fd_limit() -> None:
+    """Use the hard limit: the daemon holds a descriptor per open file and cached dir."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def _setup_logging(cfg: MountConfig, daemon: bool) -> None:
+    level = logging.DEBUG if cfg.debug else logging.INFO
+    handler: logging.Handler
+    if daemon and os.path.exists("/dev/log"):
+        handler = logging.handlers.SysLogHandler(address="/dev/log")
+        handler.setFormatter(logging.Formatter("unionfs[%(process)d]: %(message)s"))
+    elif daemon:
+        handler = logging.NullHandler()
+    else:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("unionfs: %(levelname)s %(message)s"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
+
+
+class Daemon:
+    """One mounted union: builds the operations, serves, and tears down."""
+
+    def __init__(self, cfg: MountConfig) -> None:
+        self.cfg = cfg
+        self.stopped_by_signal = False
+
+    def mount(self) -> None:
+        cfg = self.cfg
+        self.stack = LayerStack(cfg.lowers, cfg.upper)
+        try:
+            self.ops = UnionOperations(self.stack, cfg)
+            pyfuse3.init(self.ops, cfg.mountpoint, cfg.fuse_options(os.geteuid() == 0))
+        except BaseException:
+            self.stack.close()
+            raise
+
+    async def _watch_signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+            async for signum in sigs:
+                log.info("signal %d: unmounting", signum)
+                self.stopped_by_signal = True
+                pyfuse3.terminate()
+                return
+
+    async def _serve(self, ready_fd: int | None) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._watch_signals)
+            if ready_fd is not None:
+                nursery.start_soon(self._report_ready, ready_fd)
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()
+
+    async def _report_ready(self, ready_fd: int) -> None:
+        """Tell the waiting parent we are up, once a stat through the mount answers."""
+        try:
+            await trio.to_thread.run_sync(os.stat, self.cfg.mountpoint, abandon_on_cancel=True)
+            os.write(ready_fd, b"OK")
+        except OSError as e:
+            os.write(ready_fd, f"mount does not answer: {e.strerror}".encode())
+        finally:
+            os.close(ready_fd)
+
+    def serve(self, ready_fd: int | None = None) -> None:
+        try:
+            trio.run(self._serve, ready_fd)
+        finally:
+            pyfuse3.close(unmount=self.stopped_by_signal)
+            self.ops.close()
+            self.stack.close()
+
+
+def _daemonize() -> int | None:
+    """Fork; the parent waits for the child's first message and exits with it.
+
+    Returns the write end of the status pipe in the child.
+    """
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid > 0:
+        os.close(w)
+        chunks = []
+        while chunk := os.read(r, 4096):
+            chunks.append(chunk)
+        msg = b"".join(chunks).decode(errors="replace")
+        if msg == "OK":
+            os._exit(0)
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+        print(f"unionfs-mount: {msg or 'daemon exited during start-up'}", file=sys.stderr)
+        os._exit(1)
+    os.close(r)
+    os.setsid()
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    os.close(null)
+    return w
+
+
+def main(argv: list[str] | None = None) -> int:
+    try:
+        cfg = parse_args(sys.argv[1:] if argv is None else argv)
+        check_paths(cfg)
+    except ConfigError as e:
+        print(f"unionfs-mount: {e}", file=sys.stderr)
+        return e.code
+
+    _raise_fd_limit()
+    ready_fd = None if cfg.foreground else _daemonize()
+    _setup_logging(cfg, daemon=ready_fd is not None)
+    daemon = Daemon(cfg)
+    try:
+        if cfg.workdir is not None:
+            os.makedirs(cfg.workdir, mode=0o700, exist_ok=True)
+        daemon.mount()
+    except (OSError, RuntimeError) as e:
+        msg = f"cannot mount {cfg.mountpoint!r}: {getattr(e, 'strerror', None) or e}"
+        if ready_fd is not None:
+            os.write(ready_fd, msg.encode())
+            os.close(ready_fd)
+        else:
+            print(f"unionfs-mount: {msg}", file=sys.stderr)
+        return 1
+    os.chdir("/")
+    try:
+        daemon.serve(ready_fd)
+    except Exception:
+        log.exception("daemon failed")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    with contextlib.suppress(KeyboardInterrupt):
+        sys.exit(main())
+    sys.exit(errno.EINTR)

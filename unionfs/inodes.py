@@ -1,0 +1,189 @@
+"""The inode table: what the kernel has looked up, and how inodes are numbered.
+
+pyfuse3 makes the FUSE node id and ``st_ino`` the same number, so the number
+must be unique within the mount, stable for a file's life (also across
+copy-up and remount) and free of collisions between layers on different
+filesystems.  ``InodeNumbers`` derives it from the real inode of the object's
+*origin* (see docs/inodes.md):
+
+* all branches on one filesystem: the real inode number, as overlayfs does;
+* otherwise: the real number tagged with the filesystem's index in the high
+  16 bits, like overlayfs' ``xino``.
+
+The table holds a node while the kernel's lookup count for it is positive
+(``forget`` honoured), so memory follows the kernel's own inode cache.  Each
+directory node keeps its live children by name: a repeated lookup of a name
+the kernel still knows does not walk the layers again.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+
+import pyfuse3
+
+from .layers import Entry, LayerStack, Path
+
+ROOT_INODE: int = pyfuse3.ROOT_INODE
+_TAG_SHIFT = 48
+_LOW_MASK = (1 << _TAG_SHIFT) - 1
+
+
+class Node:
+    """One merged object the kernel knows.
+
+    ``parent``/``name`` is one merged name of the object (any one of them, for
+    hard links).  ``layer`` is the topmost layer that holds it.  Directories
+    also carry the merge set from ``Entry``; ``dir_layers is None`` marks a
+    non-directory.
+    """
+
+    __slots__ = (
+        "children",
+        "dir_layers",
+        "ino",
+        "layer",
+        "name",
+        "nlookup",
+        "parent",
+        "xwh_layers",
+    )
+
+    def __init__(self, ino: int, parent: Node | None, name: bytes, entry: Entry) -> None:
+        self.ino = ino
+        self.parent = parent
+        self.name = name
+        self.nlookup = 0
+        self.children: dict[bytes, Node] = {}
+        self.update(entry)
+
+    def update(self, entry: Entry) -> None:
+        self.layer = entry.layer
+        self.dir_layers = entry.dir_layers
+        self.xwh_layers = entry.xwh_layers
+
+    @property
+    def is_dir(self) -> bool:
+        return self.dir_layers is not None
+
+    def path(self) -> Path:
+        """The merged path, walked up through the parents (renames just relink)."""
+        parts: list[bytes] = []
+        node: Node | None = self
+        while node is not None and node.parent is not None:
+            parts.append(node.name)
+            node = node.parent
+        parts.reverse()
+        return tuple(parts)
+
+    def dirpath(self) -> Path:
+        """Path of the directory holding this node's name."""
+        return self.parent.path() if self.parent is not None else ()
+
+    def __repr__(self) -> str:
+        return f"<Node {self.ino} {b'/'.join(self.path())!r} layer={self.layer}>"
+
+
+class InodeNumbers:
+    """Maps (layer, real inode) to the inode number the merged view reports."""
+
+    def __init__(self, stack: LayerStack) -> None:
+        self._fsid: dict[int, int] = {}
+        for layer in stack.layers:
+            self._fsid.setdefault(layer.dev, len(self._fsid))
+        self._layer_dev = [layer.dev for layer in stack.layers]
+        self.tagged = len(self._fsid) > 1
+
+    def number(self, layer: int, real_ino: int) -> int:
+        dev = self._layer_dev[layer]
+        return compose(self._fsid[dev], real_ino, self.tagged, dev)
+
+
+def compose(fsid: int, real_ino: int, tagged: bool, dev: int = 0) -> int:
+    """The reported inode number for a real inode on filesystem ``fsid``.
+
+    Numbers that do not fit the tagged layout (or would collide with the
+    root's fixed id 1) are hashed from (dev, ino) into the range with the top
+    bit set, which no tagged or real number on common filesystems uses.
+    """
+    if not tagged and real_ino != ROOT_INODE:
+        return real_ino
+    if tagged and real_ino <= _LOW_MASK and fsid < 0x7FFF:
+        return ((fsid + 1) << _TAG_SHIFT) | real_ino
+    digest = hashlib.blake2b(b"%d:%d" % (dev, real_ino), digest_size=8).digest()
+    return (int.from_bytes(digest, "little") >> 1) | (1 << 63)
+
+
+class InodeTable:
+    """Nodes by inode number, with the kernel's lookup counts."""
+
+    def __init__(self, stack: LayerStack) -> None:
+        self.numbers = InodeNumbers(stack)
+        root_entry = stack.root_entry()
+        self.root = Node(ROOT_INODE, None, b"", root_entry)
+        self.root.nlookup = 1
+        self._nodes: dict[int, Node] = {ROOT_INODE: self.root}
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    def __getitem__(self, ino: int) -> Node:
+        try:
+            return self._nodes[ino]
+        except KeyError:
+            raise OSError(errno.ESTALE, "unknown inode") from None
+
+    def number_of(self, entry: Entry) -> int:
+        assert entry.ino_st is not None
+        return self.numbers.number(entry.ino_layer, entry.ino_st.st_ino)
+
+    def cached_child(self, parent: Node, name: bytes) -> Node | None:
+        """The live node last seen at ``parent/name``, if the kernel still holds it."""
+        node = parent.children.get(name)
+        if node is None:
+            return None
+        if self._nodes.get(node.ino) is not node:
+            del parent.children[name]
+            return None
+        return node
+
+    def node_for(self, parent: Node, name: bytes, entry: Entry) -> Node:
+        """The node for a resolved entry, reusing a live one with the same number.
+
+        The node is not counted yet: ``ref`` does that once the kernel has
+        really been told about it (a readdir reply can be refused).
+        """
+        ino = self.number_of(entry)
+        node = self._nodes.get(ino)
+        if node is None:
+            return Node(ino, parent, name, entry)
+        node.parent, node.name = parent, name
+        node.update(entry)
+        return node
+
+    def ref(self, node: Node) -> None:
+        """Count one kernel lookup of ``node`` (lookup, readdirplus, create...)."""
+        node.nlookup += 1
+        self._nodes.setdefault(node.ino, node)
+        if node.parent is not None:
+            node.parent.children[node.name] = node
+
+    def forget(self, ino: int, n: int) -> None:
+        node = self._nodes.get(ino)
+        if node is None or ino == ROOT_INODE:
+            return
+        node.nlookup -= n
+        if node.nlookup > 0:
+            return
+        del self._nodes[ino]
+        parent = node.parent
+        if parent is not None and parent.children.get(node.name) is node:
+            del parent.children[node.name]
+
+    def unlink_name(self, parent: Node, name: bytes) -> None:
+        """Forget the cached name->node mapping (the name was removed or replaced)."""
+        parent.children.pop(name, None)
+
+    def all_nodes(self) -> list[Node]:
+        return list(self._nodes.values())

@@ -1,0 +1,300 @@
+"""The layer stack: the branches, safe access to them, and the merge rules.
+
+Every branch is opened once as a directory file descriptor, and everything
+below it is reached relative to descriptors, one path component at a time,
+with ``O_NOFOLLOW``: no symlink, ``..`` or rename inside a branch can make the
+daemon touch anything outside it.  Directory descriptors are kept in a bounded
+LRU keyed by (layer, path), so a lookup in a directory the kernel has just
+listed costs one ``fstatat`` per layer and no path walk.
+
+Layer 0 is the upper when there is one; lowers follow top-down, as in
+overlayfs' ``lowerdir=`` (leftmost on top).
+
+Paths are tuples of byte-string components relative to a branch root; names
+are bytes end to end, so non-UTF-8 names survive untouched.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat as stat_mod
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from . import markers
+from .markers import Opacity
+
+Path = tuple[bytes, ...]
+
+_DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_MISSING = (errno.ENOENT, errno.ENOTDIR)
+_NO_XATTR = (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP)
+
+
+@dataclass(frozen=True, slots=True)
+class Layer:
+    """One branch of the union."""
+
+    index: int
+    path: str
+    fd: int
+    dev: int
+    writable: bool
+
+
+@dataclass(slots=True)
+class Entry:
+    """What a name resolves to across the stack.
+
+    For a non-directory only ``layer`` and ``st`` matter.  For a directory,
+    ``dir_layers`` lists the layers whose directories merge into it, top-down
+    and cut at the first opaque one, and ``xwh_layers`` those whose copy may
+    hold xattr whiteouts.  ``ino_layer``/``ino_st`` say whose inode number the
+    merged object reports: the topmost *lower* copy of a directory, so that
+    its number does not change when a copy-up later creates the upper copy.
+    """
+
+    layer: int
+    st: os.stat_result
+    dir_layers: tuple[int, ...] | None = None
+    xwh_layers: frozenset[int] = frozenset()
+    ino_layer: int = 0
+    ino_st: os.stat_result | None = None
+
+    @property
+    def is_dir(self) -> bool:
+        return self.dir_layers is not None
+
+
+class LayerStack:
+    """The ordered branches and descriptor-relative access to them."""
+
+    def __init__(self, lowers: list[str], upper: str | None, fd_cache_size: int = 1024) -> None:
+        self.layers: list[Layer] = []
+        self._cache: OrderedDict[tuple[int, Path], int] = OrderedDict()
+        self._cache_size = max(16, fd_cache_size)
+        try:
+            for path in ([upper] if upper is not None else []) + list(lowers):
+                fd = os.open(path, _DIR_FLAGS)
+                st = os.fstat(fd)
+                writable = upper is not None and not self.layers
+                self.layers.append(Layer(len(self.layers), path, fd, st.st_dev, writable))
+        except BaseException:
+            self.close()
+            raise
+        self.upper: Layer | None = self.layers[0] if upper is not None else None
+
+    def close(self) -> None:
+        for fd in self._cache.values():
+            os.close(fd)
+        self._cache.clear()
+        for layer in self.layers:
+            os.close(layer.fd)
+        self.layers = []
+
+    # -- descriptors -----------------------------------------------------------
+
+    def dirfd(self, layer: int, path: Path) -> int:
+        """An O_PATH descriptor of directory ``path`` in ``layer``.
+
+        Walks from the nearest cached ancestor, one component at a time with
+        O_NOFOLLOW|O_DIRECTORY, so a symlink anywhere on the way fails with
+        ENOTDIR/ELOOP instead of being followed.
+        """
+        if not path:
+            return self.layers[layer].fd
+        key = (layer, path)
+        fd = self._cache.get(key)
+        if fd is not None:
+            self._cache.move_to_end(key)
+            return fd
+        parent = self.dirfd(layer, path[:-1])
+        fd = os.open(path[-1], _DIR_FLAGS, dir_fd=parent)
+        self._cache[key] = fd
+        if len(self._cache) > self._cache_size:
+            _, old = self._cache.popitem(last=False)
+            os.close(old)
+        return fd
+
+    def forget_dir(self, layer: int, path: Path) -> None:
+        """Drop cached descriptors of ``path`` and below (after rename/rmdir)."""
+        n = len(path)
+        stale = [k for k in self._cache if k[0] == layer and k[1][:n] == path]
+        for key in stale:
+            os.close(self._cache.pop(key))
+
+    # -- primitives ------------------------------------------------------------
+
+    def lstat(self, layer: int, dirpath: Path, name: bytes) -> os.stat_result | None:
+        """lstat of ``name`` in directory ``dirpath`` of ``layer``; None if absent."""
+        try:
+            return os.stat(name, dir_fd=self.dirfd(layer, dirpath), follow_symlinks=False)
+        except OSError as e:
+            if e.errno in _MISSING:
+                return None
+            raise
+
+    def stat_dir(self, layer: int, path: Path) -> os.stat_result:
+        return os.stat(self.dirfd(layer, path))
+
+    def xattr_path(self, layer: int, dirpath: Path, name: bytes | None = None) -> bytes:
+        """A /proc path naming an object for the xattr calls, which take no dir_fd.
+
+        The magic link resolves to the directory itself; the final component
+        (if any) is then used with follow_symlinks=False by the caller.
+        """
+        base = b"/proc/self/fd/%d" % self.dirfd(layer, dirpath)
+        return base if name is None else base + b"/" + name
+
+    def listxattr(self, layer: int, dirpath: Path, name: bytes | None = None) -> list[bytes]:
+        path = self.xattr_path(layer, dirpath, name)
+        try:
+            return [os.fsencode(x) for x in os.listxattr(path, follow_symlinks=name is None)]
+        except OSError as e:
+            if e.errno in _NO_XATTR:
+                return []
+            raise
+
+    def getxattr(self, layer: int, dirpath: Path, name: bytes | None, attr: bytes) -> bytes | None:
+        path = self.xattr_path(layer, dirpath, name)
+        try:
+            return os.getxattr(path, attr, follow_symlinks=name is None)
+        except OSError as e:
+            if e.errno in _NO_XATTR:
+                return None
+            raise
+
+    def scandir(self, layer: int, path: Path) -> list[tuple[bytes, bool, bool]]:
+        """(name, is_dir, special) for each entry of one layer's directory.
+
+        ``special`` flags devices, fifos and sockets (d_type alone cannot tell
+        a 0/0 whiteout from a real device, so those need an lstat).
+        """
+        fd = os.open(
+            ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.dirfd(layer, path)
+        )
+        try:
+            with os.scandir(fd) as it:
+                out = []
+                for e in it:
+                    name = os.fsencode(e.name)
+                    is_dir = e.is_dir(follow_symlinks=False)
+                    special = not (is_dir or e.is_file(follow_symlinks=False) or e.is_symlink())
+                    out.append((name, is_dir, special))
+                return out
+        finally:
+            os.close(fd)
+
+    # -- the merge rules -------------------------------------------------------
+
+    def dir_opacity(self, layer: int, path: Path) -> Opacity:
+        """Opacity of one layer's copy of a directory, from xattrs or the OCI marker."""
+        names = self.listxattr(layer, path)
+        opacity = markers.opacity_from_xattrs(names, lambda x: self.getxattr(layer, path, None, x))
+        if opacity is Opacity.OPAQUE:
+            return opacity
+        if self.lstat(layer, path, markers.OPAQUE_NAME) is not None:
+            return Opacity.OPAQUE
+        return opacity
+
+    def _is_whiteout(
+        self, layer: int, dirpath: Path, name: bytes, st: os.stat_result, xwh: bool
+    ) -> bool:
+        """Is the existing entry ``name`` in this layer a whiteout?"""
+        if markers.is_char_whiteout(st.st_mode, st.st_rdev):
+            return True
+        return xwh and markers.is_xattr_whiteout(
+            st.st_mode, st.st_size, self.listxattr(layer, dirpath, name)
+        )
+
+    def lookup(
+        self, dirpath: Path, dir_layers: tuple[int, ...], xwh_layers: frozenset[int], name: bytes
+    ) -> Entry | None:
+        """Resolve ``name`` in a merged directory, falling through the layers.
+
+        A non-directory shadows everything below it; directories merge until
+        one is opaque; a whiteout hides the name in every layer below its own;
+        a non-directory below a directory ends the merge (overlayfs' rule).
+        Marker names themselves never resolve.
+        """
+        if markers.is_marker_name(name):
+            return None
+        found: Entry | None = None
+        merged: list[int] = []
+        xwh: set[int] = set()
+        for layer in dir_layers:
+            st = self.lstat(layer, dirpath, name)
+            if st is None:
+                if self.lstat(layer, dirpath, markers.oci_whiteout_name(name)) is not None:
+                    break
+                continue
+            if self._is_whiteout(layer, dirpath, name, st, layer in xwh_layers):
+                break
+            if not stat_mod.S_ISDIR(st.st_mode):
+                if found is None:
+                    return Entry(layer, st, ino_layer=layer, ino_st=st)
+                break
+            if found is None:
+                found = Entry(layer, st, ino_layer=layer, ino_st=st)
+            elif found.ino_layer == 0 and self.upper is not None:
+                found.ino_layer, found.ino_st = layer, st
+            merged.append(layer)
+            if layer == dir_layers[-1]:
+                break
+            opacity = self.dir_opacity(layer, (*dirpath, name))
+            if opacity is Opacity.OPAQUE:
+                break
+            if opacity is Opacity.HAS_XATTR_WHITEOUTS:
+                xwh.add(layer)
+        if found is not None:
+            found.dir_layers = tuple(merged)
+            found.xwh_layers = frozenset(xwh)
+        return found
+
+    def merged_names(
+        self, dirpath: Path, dir_layers: tuple[int, ...], xwh_layers: frozenset[int]
+    ) -> list[tuple[bytes, int, bool]]:
+        """The visible entries of a merged directory: (name, top layer, is_dir).
+
+        Each name appears once, in upper-then-lower order.  Whiteouts found in
+        a layer hide names only in the layers below it.
+        """
+        seen: dict[bytes, tuple[int, bool]] = {}
+        hidden: set[bytes] = set()
+        for layer in dir_layers:
+            hides_below: list[bytes] = []
+            for name, is_dir, special in self.scandir(layer, dirpath):
+                if markers.is_marker_name(name):
+                    target = markers.oci_whiteout_target(name)
+                    if target is not None:
+                        hides_below.append(target)
+                    continue
+                if name in seen or name in hidden:
+                    continue
+                if special or (layer in xwh_layers and not is_dir):
+                    st = self.lstat(layer, dirpath, name)
+                    if st is not None and self._is_whiteout(
+                        layer, dirpath, name, st, layer in xwh_layers
+                    ):
+                        hides_below.append(name)
+                        continue
+                seen[name] = (layer, is_dir)
+            hidden.update(hides_below)
+        return [(name, layer, is_dir) for name, (layer, is_dir) in seen.items()]
+
+    def root_entry(self) -> Entry:
+        """The merged root: every layer's root, cut at the first opaque one."""
+        merged: list[int] = []
+        xwh: set[int] = set()
+        for layer in self.layers:
+            merged.append(layer.index)
+            if layer.index == len(self.layers) - 1:
+                break
+            opacity = self.dir_opacity(layer.index, ())
+            if opacity is Opacity.OPAQUE:
+                break
+            if opacity is Opacity.HAS_XATTR_WHITEOUTS:
+                xwh.add(layer.index)
+        st = os.fstat(self.layers[0].fd)
+        return Entry(0, st, tuple(merged), frozenset(xwh), 0, st)

@@ -1,0 +1,126 @@
+"""Whiteout and opaque-directory markers, in every on-disk format in use.
+
+This module is the single owner of the marker formats: what counts as a
+whiteout or an opaque directory when *reading* a layer, and which names and
+extended attributes are private to the union and must never show through the
+merged view.  Layers unpacked by Docker/podman (OCI ``.wh.`` files), written by
+kernel overlayfs (char device 0/0, ``overlay.opaque`` xattrs, xattr whiteouts)
+or by fuse-overlayfs (``user.fuseoverlayfs.opaque``) all stack as they are.
+
+Everything here is pure: callers pass in what they already read (a stat
+result, a name, a list of xattr names, an xattr value), so the rules test
+without a mount.  See docs/markers.md for the table of formats.
+"""
+
+from __future__ import annotations
+
+import enum
+import stat as stat_mod
+from collections.abc import Callable, Iterable
+
+#: OCI/AUFS whiteout prefix: an entry ``.wh.NAME`` hides ``NAME`` in lower layers.
+WHITEOUT_PREFIX = b".wh."
+#: OCI/AUFS opaque marker: a file of this name makes its directory opaque.
+OPAQUE_NAME = b".wh..wh..opq"
+
+#: Opaque-directory xattrs, kernel (rootful, rootless) and fuse-overlayfs C.
+OPAQUE_XATTRS = (
+    b"trusted.overlay.opaque",
+    b"user.overlay.opaque",
+    b"user.fuseoverlayfs.opaque",
+)
+#: Xattrs that turn a zero-size regular file into a whiteout, but only inside a
+#: directory whose ``overlay.opaque`` is ``x`` (the kernel's rule).
+WHITEOUT_XATTRS = (b"trusted.overlay.whiteout", b"user.overlay.whiteout")
+
+#: Xattr namespaces owned by union filesystems: hidden from the merged view and
+#: refused when a user tries to set them through the mount.
+PRIVATE_XATTR_PREFIXES = (b"trusted.overlay.", b"user.overlay.", b"user.fuseoverlayfs.")
+
+
+class Opacity(enum.Enum):
+    """How a directory in one layer relates to the layers below it."""
+
+    #: Merges with the same directory in lower layers.
+    MERGE = "merge"
+    #: Hides everything below it (``overlay.opaque=y`` or ``.wh..wh..opq``).
+    OPAQUE = "opaque"
+    #: Merges, but may contain xattr whiteouts (``overlay.opaque=x``).
+    HAS_XATTR_WHITEOUTS = "x"
+
+
+def is_char_whiteout(st_mode: int, st_rdev: int) -> bool:
+    """A character device 0/0 is a whiteout (kernel overlayfs, fuse-overlayfs)."""
+    return stat_mod.S_ISCHR(st_mode) and st_rdev == 0
+
+
+def is_marker_name(name: bytes) -> bool:
+    """Names starting with ``.wh.`` are OCI markers and never merged-view entries.
+
+    This also covers ``.wh..wh..opq``.  Such names cannot be represented in an
+    OCI layer, so the union never shows or creates them.
+    """
+    return name.startswith(WHITEOUT_PREFIX)
+
+
+def oci_whiteout_target(name: bytes) -> bytes | None:
+    """The name hidden by an OCI whiteout entry, or None if ``name`` is not one.
+
+    ``.wh..wh..opq`` is the opaque marker, and ``.wh.``, ``.wh..``, ``.wh...``
+    hide nothing real (moby rejects them as invalid), so they return None.
+    """
+    if not name.startswith(WHITEOUT_PREFIX) or name == OPAQUE_NAME:
+        return None
+    target = name[len(WHITEOUT_PREFIX) :]
+    if target in (b"", b".", b".."):
+        return None
+    return target
+
+
+def oci_whiteout_name(name: bytes) -> bytes:
+    """The OCI whiteout entry that hides ``name``."""
+    return WHITEOUT_PREFIX + name
+
+
+def opacity_from_xattrs(names: Iterable[bytes], get: Callable[[bytes], bytes | None]) -> Opacity:
+    """Classify a directory from its xattrs.
+
+    ``names`` is the directory's xattr list (one listxattr call) and ``get``
+    reads one value; values are only fetched for marker names that are
+    present, so an unmarked directory costs no getxattr at all.  The value must
+    start with ``y`` (fuse-overlayfs accepts ``y`` followed by anything, the
+    kernel writes exactly ``y``); ``x`` means "merge, but look for xattr
+    whiteouts".
+    """
+    present = set(names)
+    result = Opacity.MERGE
+    for xname in OPAQUE_XATTRS:
+        if xname not in present:
+            continue
+        value = get(xname) or b""
+        if value.startswith(b"y"):
+            return Opacity.OPAQUE
+        if value.startswith(b"x") and not xname.startswith(b"user.fuseoverlayfs."):
+            result = Opacity.HAS_XATTR_WHITEOUTS
+    return result
+
+
+def is_xattr_whiteout(st_mode: int, st_size: int, xattr_names: Iterable[bytes]) -> bool:
+    """A zero-size regular file carrying an ``overlay.whiteout`` xattr.
+
+    Only meaningful inside a directory classified HAS_XATTR_WHITEOUTS; the
+    caller checks that, so that ordinary empty files cost nothing.
+    """
+    if not stat_mod.S_ISREG(st_mode) or st_size != 0:
+        return False
+    return any(x in WHITEOUT_XATTRS for x in xattr_names)
+
+
+def is_private_xattr(name: bytes) -> bool:
+    """True for union-owned xattrs, which the merged view neither shows nor sets."""
+    return name.startswith(PRIVATE_XATTR_PREFIXES)
+
+
+def visible_xattrs(names: Iterable[bytes]) -> list[bytes]:
+    """Filter a listxattr result down to what a user of the mount may see."""
+    return [n for n in names if not is_private_xattr(n)]

@@ -1,0 +1,325 @@
+"""Mount configuration: parsing the command line and ``-o`` options, and checks.
+
+All option parsing lives here so that other front ends (``mount -t
+fuse.unionfs``, /etc/fstab through mount.fuse3) can reuse it: they only need
+to turn their argument vector into the same ``-o`` words.  Parsing is pure;
+``check_paths`` is the one function that looks at the filesystem, and it runs
+before anything is created or mounted, so a bad invocation leaves no trace.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+
+#: Mount flags handed to the kernel as they are.
+KERNEL_FLAGS = frozenset(
+    {
+        "nosuid",
+        "suid",
+        "nodev",
+        "dev",
+        "noexec",
+        "exec",
+        "noatime",
+        "atime",
+        "relatime",
+        "nodiratime",
+        "diratime",
+        "dirsync",
+        "sync",
+        "async",
+        "rw",
+    }
+)
+#: FUSE options handed to libfuse as they are.
+FUSE_FLAGS = frozenset({"allow_root", "auto_unmount"})
+#: Options that take a value, with the parser for it.
+WHITEOUT_FORMATS = ("kernel", "oci")
+
+
+class ConfigError(Exception):
+    """A bad invocation: reported as one line, exit status ``code``."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class MountConfig:
+    lowers: list[str]
+    upper: str | None
+    mountpoint: str
+    workdir: str | None = None
+    read_only: bool = False
+    foreground: bool = False
+    debug: bool = False
+    nonempty: bool = False
+    allow_other: bool | None = None  # None: on when root, as fuse-overlayfs does
+    entry_timeout: float = 300.0
+    attr_timeout: float = 300.0
+    negative_timeout: float = 300.0
+    whiteout: str = "kernel"
+    fsname: str = "unionfs"
+    kernel_flags: list[str] = field(default_factory=list)
+
+    def fuse_options(self, is_root: bool) -> set[str]:
+        """The option set for ``pyfuse3.init`` (default_permissions is forced)."""
+        opts = {"default_permissions", f"fsname={self.fsname}", "subtype=unionfs"}
+        opts.update(self.kernel_flags)
+        allow_other = is_root if self.allow_other is None else self.allow_other
+        if allow_other:
+            opts.add("allow_other")
+        if self.read_only:
+            opts.discard("rw")
+            opts.add("ro")
+        if self.debug:
+            opts.add("debug")
+        return opts
+
+
+def split_lowerdirs(spec: str) -> list[str]:
+    """Split a ``lower1:lower2`` list; ``\\:`` is a literal colon, ``\\\\`` a backslash.
+
+    The same escaping as overlayfs' ``lowerdir=``.
+    """
+    parts: list[str] = []
+    cur: list[str] = []
+    it = iter(spec)
+    for ch in it:
+        if ch == "\\":
+            nxt = next(it, None)
+            if nxt is None:
+                raise ConfigError("lower directory list ends with a lone backslash", 2)
+            cur.append(nxt)
+        elif ch == ":":
+            parts.append("".join(cur))
+            cur = []
+        else:
+            cur.append(ch)
+    parts.append("".join(cur))
+    if any(p == "" for p in parts):
+        raise ConfigError(f"empty lower directory in {spec!r}", 2)
+    return parts
+
+
+def split_options(words: list[str]) -> list[str]:
+    """Flatten ``-o a,b -o c`` into words; ``\\,`` keeps a comma inside a value."""
+    out: list[str] = []
+    for word in words:
+        cur: list[str] = []
+        it = iter(word)
+        for ch in it:
+            if ch == "\\":
+                nxt = next(it, "")
+                cur.append("\\" + nxt if nxt != "," else ",")
+            elif ch == ",":
+                out.append("".join(cur))
+                cur = []
+            else:
+                cur.append(ch)
+        out.append("".join(cur))
+    return [w for w in out if w]
+
+
+def _timeout(key: str, value: str) -> float:
+    try:
+        t = float(value)
+    except ValueError:
+        raise ConfigError(f"option {key}= needs a number of seconds, not {value!r}", 2) from None
+    if not t >= 0 or t == float("inf"):
+        raise ConfigError(f"option {key}= must be a finite number >= 0, not {value!r}", 2)
+    return t
+
+
+def build_config(
+    positional: list[str], option_words: list[str], foreground: bool = False, debug: bool = False
+) -> MountConfig:
+    """Turn the positional arguments and ``-o`` words into a MountConfig.
+
+    Forms: ``LOWERS UPPER MNT``, ``LOWERS MNT`` (read-only union), or ``MNT``
+    with ``-o lowerdir=...[,upperdir=...]`` (the overlayfs spelling).
+    """
+    opts = split_options(option_words)
+    values: dict[str, str] = {}
+    flags: set[str] = set()
+    for word in opts:
+        key, eq, value = word.partition("=")
+        if eq:
+            values[key] = value
+        else:
+            flags.add(key)
+
+    cfg = MountConfig(lowers=[], upper=None, mountpoint="", foreground=foreground, debug=debug)
+    for flag in flags:
+        if flag == "ro":
+            cfg.read_only = True
+        elif flag == "nonempty":
+            cfg.nonempty = True
+        elif flag == "allow_other":
+            cfg.allow_other = True
+        elif flag == "noallow_other":
+            cfg.allow_other = False
+        elif flag in ("debug",):
+            cfg.debug = True
+        elif flag == "default_permissions":
+            pass  # always on
+        elif flag in KERNEL_FLAGS or flag in FUSE_FLAGS:
+            cfg.kernel_flags.append(flag)
+        else:
+            raise ConfigError(f"unknown option {flag!r}", 2)
+
+    lowerdir = values.pop("lowerdir", None)
+    upperdir = values.pop("upperdir", None)
+    for key, value in values.items():
+        if key == "workdir":
+            cfg.workdir = value
+        elif key == "timeout":
+            cfg.entry_timeout = cfg.attr_timeout = cfg.negative_timeout = _timeout(key, value)
+        elif key in ("entry_timeout", "attr_timeout", "negative_timeout"):
+            setattr(cfg, key, _timeout(key, value))
+        elif key == "whiteout":
+            if value not in WHITEOUT_FORMATS:
+                raise ConfigError(
+                    f"option whiteout= takes {' or '.join(WHITEOUT_FORMATS)}, not {value!r}", 2
+                )
+            cfg.whiteout = value
+        elif key == "fsname":
+            if not value:
+                raise ConfigError("option fsname= needs a value", 2)
+            cfg.fsname = value
+        else:
+            raise ConfigError(f"unknown option {key + '='!r}", 2)
+
+    if lowerdir is not None:
+        if len(positional) != 1:
+            raise ConfigError("with -o lowerdir=, give only the mount point", 2)
+        cfg.lowers = split_lowerdirs(lowerdir)
+        cfg.upper = upperdir
+        cfg.mountpoint = positional[0]
+    else:
+        if upperdir is not None:
+            raise ConfigError("-o upperdir= needs -o lowerdir= too", 2)
+        if len(positional) == 3:
+            cfg.lowers = split_lowerdirs(positional[0])
+            cfg.upper, cfg.mountpoint = positional[1], positional[2]
+        elif len(positional) == 2:
+            cfg.lowers = split_lowerdirs(positional[0])
+            cfg.mountpoint = positional[1]
+        else:
+            raise ConfigError("usage: unionfs-mount [options] LOWER1[:LOWER2...] [UPPER] MNT", 2)
+    if cfg.upper is None:
+        cfg.read_only = True
+    if cfg.workdir is not None and cfg.upper is None:
+        raise ConfigError("-o workdir= needs an upper directory", 2)
+    return cfg
+
+
+def _inside(child: str, parent: str) -> bool:
+    """True when ``child`` is ``parent`` or below it (both real, absolute paths)."""
+    return child == parent or child.startswith(parent.rstrip("/") + "/")
+
+
+def default_workdir(upper: str) -> str:
+    """The work dir when none is given: a hidden sibling of the upper directory.
+
+    It must be on the upper's filesystem (copy-up renames from it) and outside
+    the upper, so a later kernel overlayfs mount of the upper never sees it.
+    """
+    upper = upper.rstrip("/") or "/"
+    parent, base = os.path.split(upper)
+    return os.path.join(parent, f".{base}.unionfs-work")
+
+
+def check_paths(cfg: MountConfig, is_root: bool | None = None) -> None:
+    """Refuse every invocation that would deadlock, overlap or half-mount.
+
+    Resolves every path to its real absolute form (in place) first, so later
+    steps compare and open exactly what was checked.
+    """
+    if is_root is None:
+        is_root = os.geteuid() == 0
+
+    def real_dir(path: str, what: str) -> str:
+        if not os.path.exists(path):
+            raise ConfigError(f"{what} {path!r} does not exist")
+        if not os.path.isdir(path):
+            raise ConfigError(f"{what} {path!r} is not a directory")
+        return os.path.realpath(path)
+
+    cfg.lowers = [real_dir(p, "lower directory") for p in cfg.lowers]
+    if cfg.upper is not None:
+        cfg.upper = real_dir(cfg.upper, "upper directory")
+    cfg.mountpoint = real_dir(cfg.mountpoint, "mount point")
+
+    seen: dict[str, int] = {}
+    for i, lower in enumerate(cfg.lowers):
+        if lower in seen:
+            raise ConfigError(f"lower directory {lower!r} is given twice")
+        seen[lower] = i
+
+    branches = [*cfg.lowers, *([cfg.upper] if cfg.upper else [])]
+    for branch in branches:
+        if _inside(cfg.mountpoint, branch):
+            raise ConfigError(
+                f"mount point {cfg.mountpoint!r} is inside branch {branch!r}"
+                " (the union would look into itself and deadlock)"
+            )
+        if _inside(branch, cfg.mountpoint):
+            raise ConfigError(
+                f"branch {branch!r} is inside the mount point {cfg.mountpoint!r}"
+                " (it would be hidden by the mount and deadlock)"
+            )
+    if cfg.upper is not None:
+        for lower in cfg.lowers:
+            if _inside(cfg.upper, lower):
+                raise ConfigError(f"upper directory {cfg.upper!r} is inside lower {lower!r}")
+            if _inside(lower, cfg.upper):
+                raise ConfigError(f"lower directory {lower!r} is inside upper {cfg.upper!r}")
+        if not os.access(cfg.upper, os.W_OK | os.X_OK) and not cfg.read_only:
+            raise ConfigError(f"upper directory {cfg.upper!r} is not writable")
+        _check_workdir(cfg, branches)
+
+    if not cfg.nonempty:
+        try:
+            entries = os.listdir(cfg.mountpoint)
+        except OSError as e:
+            raise ConfigError(f"cannot read mount point {cfg.mountpoint!r}: {e.strerror}") from None
+        if entries:
+            raise ConfigError(
+                f"mount point {cfg.mountpoint!r} is not empty (use -o nonempty to mount anyway)"
+            )
+
+    if not os.path.exists("/dev/fuse"):
+        raise ConfigError("/dev/fuse is missing: load the fuse module (modprobe fuse)")
+    if not is_root:
+        if shutil.which("fusermount3") is None:
+            raise ConfigError("fusermount3 not found: install the fuse3 package")
+        if not os.access("/dev/fuse", os.R_OK | os.W_OK):
+            raise ConfigError(
+                "no access to /dev/fuse: it must be mode 0666 for unprivileged mounts"
+            )
+
+
+def _check_workdir(cfg: MountConfig, branches: list[str]) -> None:
+    assert cfg.upper is not None
+    if cfg.workdir is None:
+        cfg.workdir = default_workdir(cfg.upper)
+        if not os.path.isdir(cfg.workdir) and not os.access(
+            os.path.dirname(cfg.workdir), os.W_OK | os.X_OK
+        ):
+            raise ConfigError(
+                f"cannot create the default work dir {cfg.workdir!r}: give one with -o workdir="
+            )
+    elif not os.path.isdir(cfg.workdir):
+        raise ConfigError(f"work dir {cfg.workdir!r} does not exist or is not a directory")
+    work = os.path.realpath(cfg.workdir)
+    for branch in [*branches, cfg.mountpoint]:
+        if _inside(work, branch) or _inside(branch, work):
+            raise ConfigError(f"work dir {work!r} overlaps {branch!r}")
+    parent = work if os.path.isdir(work) else os.path.dirname(work)
+    if os.stat(parent).st_dev != os.stat(cfg.upper).st_dev:
+        raise ConfigError(f"work dir {work!r} must be on the same filesystem as the upper")
+    cfg.workdir = work

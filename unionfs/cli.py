@@ -22,9 +22,13 @@ import pyfuse3
 import trio
 
 from . import __version__
+from .copyup import CopyUp
+from .inodes import InodeTable
 from .layers import LayerStack
+from .markers import Writer, probe_whiteout
 from .operations import UnionOperations
 from .options import ConfigError, MountConfig, build_config, check_paths
+from .upper import Upper
 
 log = logging.getLogger("unionfs")
 
@@ -83,13 +87,33 @@ class Daemon:
 
     def mount(self) -> None:
         cfg = self.cfg
+        is_root = os.geteuid() == 0
         self.stack = LayerStack(cfg.lowers, cfg.upper)
+        self.copyup: CopyUp | None = None
         try:
-            self.ops = UnionOperations(self.stack, cfg)
-            pyfuse3.init(self.ops, cfg.mountpoint, cfg.fuse_options(os.geteuid() == 0))
+            upper = None
+            if cfg.upper is not None:
+                ns = b"trusted." if is_root else b"user."
+                self.stack.origin_xattr = ns + b"overlay.unionfs.origin"
+            table = InodeTable(self.stack)
+            if cfg.upper is not None and not cfg.read_only:
+                assert cfg.workdir is not None
+                writer = Writer(cfg.whiteout, ns)
+                self.copyup = CopyUp(self.stack, cfg.workdir, writer)
+                if writer.fmt == "kernel" and not probe_whiteout(self.copyup.work_fd):
+                    log.warning("cannot create char-0/0 whiteouts here: writing OCI .wh. files")
+                    writer.fmt = "oci"
+                upper = Upper(self.stack, table, self.copyup, writer)
+            self.ops = UnionOperations(self.stack, table, cfg, upper)
+            pyfuse3.init(self.ops, cfg.mountpoint, cfg.fuse_options(is_root))
         except BaseException:
-            self.stack.close()
+            self._close_branches()
             raise
+
+    def _close_branches(self) -> None:
+        if self.copyup is not None:
+            self.copyup.close()
+        self.stack.close()
 
     async def _watch_signals(self) -> None:
         with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
@@ -123,7 +147,7 @@ class Daemon:
         finally:
             pyfuse3.close(unmount=self.stopped_by_signal)
             self.ops.close()
-            self.stack.close()
+            self._close_branches()
 
 
 def _daemonize() -> int | None:

@@ -135,6 +135,8 @@ class InodeTable:
             raise OSError(errno.ESTALE, "unknown inode") from None
 
     def number_of(self, entry: Entry) -> int:
+        if entry.origin is not None:
+            return entry.origin
         assert entry.ino_st is not None
         return self.numbers.number(entry.ino_layer, entry.ino_st.st_ino)
 
@@ -168,6 +170,12 @@ class InodeTable:
         self._nodes.setdefault(node.ino, node)
         if node.parent is not None:
             node.parent.children[node.name] = node
+
+    def move(self, node: Node, parent: Node, name: bytes) -> None:
+        """Record that ``node`` now lives at ``parent/name`` (after a rename)."""
+        node.parent, node.name = parent, name
+        if self._nodes.get(node.ino) is node:
+            parent.children[name] = node
 
     def forget(self, ino: int, n: int) -> None:
         node = self._nodes.get(ino)

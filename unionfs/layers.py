@@ -61,6 +61,7 @@ class Entry:
     xwh_layers: frozenset[int] = frozenset()
     ino_layer: int = 0
     ino_st: os.stat_result | None = None
+    origin: int | None = None
 
     @property
     def is_dir(self) -> bool:
@@ -84,6 +85,9 @@ class LayerStack:
             self.close()
             raise
         self.upper: Layer | None = self.layers[0] if upper is not None else None
+        #: The xattr where copy-up records the inode number an object showed
+        #: before it was copied (set by the daemon when there is an upper).
+        self.origin_xattr: bytes | None = None
 
     def close(self) -> None:
         for fd in self._cache.values():
@@ -188,9 +192,37 @@ class LayerStack:
 
     # -- the merge rules -------------------------------------------------------
 
-    def dir_opacity(self, layer: int, path: Path) -> Opacity:
+    def origin_of(
+        self, dirpath: Path, name: bytes | None, xnames: list[bytes] | None
+    ) -> int | None:
+        """The recorded pre-copy-up inode number of an upper object, if any.
+
+        ``xnames``, when the caller already listed the xattrs, saves the
+        getxattr for the common object that has none.
+        """
+        ox = self.origin_xattr
+        if ox is None or (xnames is not None and ox not in xnames):
+            return None
+        try:
+            value = self.getxattr(0, dirpath, name, ox)
+        except OSError as e:
+            if e.errno in (errno.EPERM, errno.EACCES):
+                return None
+            raise
+        try:
+            return int(value) if value else None
+        except ValueError:
+            return None
+
+    def nondir_entry(self, layer: int, dirpath: Path, name: bytes, st: os.stat_result) -> Entry:
+        """The Entry of a non-directory found at ``layer``."""
+        origin = self.origin_of(dirpath, name, None) if layer == 0 and self.upper else None
+        return Entry(layer, st, ino_layer=layer, ino_st=st, origin=origin)
+
+    def dir_opacity(self, layer: int, path: Path, names: list[bytes] | None = None) -> Opacity:
         """Opacity of one layer's copy of a directory, from xattrs or the OCI marker."""
-        names = self.listxattr(layer, path)
+        if names is None:
+            names = self.listxattr(layer, path)
         opacity = markers.opacity_from_xattrs(names, lambda x: self.getxattr(layer, path, None, x))
         if opacity is Opacity.OPAQUE:
             return opacity
@@ -233,16 +265,20 @@ class LayerStack:
                 break
             if not stat_mod.S_ISDIR(st.st_mode):
                 if found is None:
-                    return Entry(layer, st, ino_layer=layer, ino_st=st)
+                    return self.nondir_entry(layer, dirpath, name, st)
                 break
+            xnames = None
             if found is None:
                 found = Entry(layer, st, ino_layer=layer, ino_st=st)
+                if layer == 0 and self.upper is not None:
+                    xnames = self.listxattr(0, (*dirpath, name))
+                    found.origin = self.origin_of((*dirpath, name), None, xnames)
             elif found.ino_layer == 0 and self.upper is not None:
                 found.ino_layer, found.ino_st = layer, st
             merged.append(layer)
             if layer == dir_layers[-1]:
                 break
-            opacity = self.dir_opacity(layer, (*dirpath, name))
+            opacity = self.dir_opacity(layer, (*dirpath, name), xnames)
             if opacity is Opacity.OPAQUE:
                 break
             if opacity is Opacity.HAS_XATTR_WHITEOUTS:

@@ -15,6 +15,7 @@ without a mount.  See docs/markers.md for the table of formats.
 from __future__ import annotations
 
 import enum
+import os
 import stat as stat_mod
 from collections.abc import Callable, Iterable
 
@@ -124,3 +125,62 @@ def is_private_xattr(name: bytes) -> bool:
 def visible_xattrs(names: Iterable[bytes]) -> list[bytes]:
     """Filter a listxattr result down to what a user of the mount may see."""
     return [n for n in names if not is_private_xattr(n)]
+
+
+# -- writing -------------------------------------------------------------------
+
+
+class Writer:
+    """How this mount writes markers into the upper.
+
+    ``kernel`` (the default) writes what kernel overlayfs writes: char device
+    0/0 whiteouts and ``overlay.opaque=y``, in ``trusted.`` when root and
+    ``user.`` otherwise (kernel overlayfs reads the latter with ``-o
+    userxattr``).  ``oci`` writes ``.wh.NAME`` files and ``.wh..wh..opq``.
+    """
+
+    def __init__(self, fmt: str, xattr_ns: bytes) -> None:
+        self.fmt = fmt
+        self.xattr_ns = xattr_ns
+        self.opaque_xattr = xattr_ns + b"overlay.opaque"
+        #: Where a copied-up object's original inode number is kept, so that
+        #: st_ino survives remounts.  Inside the overlay namespace, which kernel
+        #: overlayfs hides from its users and otherwise ignores.
+        self.origin_xattr = xattr_ns + b"overlay.unionfs.origin"
+
+    def make_whiteout(self, dir_fd: int, name: bytes) -> None:
+        """Create a whiteout for ``name`` in the directory ``dir_fd``."""
+        if self.fmt == "oci":
+            fd = os.open(
+                oci_whiteout_name(name),
+                os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW,
+                0o600,
+                dir_fd=dir_fd,
+            )
+            os.close(fd)
+        else:
+            os.mknod(name, stat_mod.S_IFCHR, 0, dir_fd=dir_fd)
+
+    def set_opaque(self, dir_fd: int) -> None:
+        """Mark the directory ``dir_fd`` (an O_PATH descriptor) opaque."""
+        if self.fmt == "oci":
+            fd = os.open(
+                OPAQUE_NAME,
+                os.O_CREAT | os.O_WRONLY | os.O_CLOEXEC | os.O_NOFOLLOW,
+                0o600,
+                dir_fd=dir_fd,
+            )
+            os.close(fd)
+        else:
+            os.setxattr(b"/proc/self/fd/%d" % dir_fd, self.opaque_xattr, b"y")
+
+
+def probe_whiteout(dir_fd: int) -> bool:
+    """Can this process create char-0/0 whiteouts here? (Linux >= 5.8 lets anyone.)"""
+    name = b"#whiteout-probe.%d" % os.getpid()
+    try:
+        os.mknod(name, stat_mod.S_IFCHR, 0, dir_fd=dir_fd)
+    except OSError:
+        return False
+    os.unlink(name, dir_fd=dir_fd)
+    return True

@@ -14,6 +14,7 @@ import errno
 import functools
 import logging
 import os
+import stat as stat_mod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -24,6 +25,7 @@ from . import markers
 from .inodes import InodeTable, Node
 from .layers import Entry, LayerStack
 from .options import MountConfig
+from .upper import Upper
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +55,15 @@ def _guard(fn: F) -> F:
 
 
 @dataclass(slots=True)
+class FileHandle:
+    """An open file: the real descriptor and the layer it was opened in."""
+
+    fd: int
+    node: Node
+    layer: int
+
+
+@dataclass(slots=True)
 class DirHandle:
     """An open directory: the merged listing, taken once per opendir.
 
@@ -70,13 +81,17 @@ class UnionOperations(pyfuse3.Operations):
     supports_dot_lookup = True
     enable_writeback_cache = False
 
-    def __init__(self, stack: LayerStack, config: MountConfig) -> None:
+    def __init__(
+        self, stack: LayerStack, table: InodeTable, config: MountConfig, upper: Upper | None
+    ) -> None:
         super().__init__()
         self.stack = stack
+        self.table = table
         self.config = config
-        self.table = InodeTable(stack)
+        self.upper = upper if not config.read_only else None
+        self.is_root = os.geteuid() == 0
         self._dirs: dict[int, DirHandle] = {}
-        self._files: dict[int, int] = {}
+        self._files: dict[int, FileHandle] = {}
         self._next_fh = 1
 
     # -- helpers ---------------------------------------------------------------
@@ -104,13 +119,25 @@ class UnionOperations(pyfuse3.Operations):
         return a
 
     def _stat(self, node: Node) -> os.stat_result:
-        """Fresh lstat of the node's topmost real object."""
+        """Fresh lstat of the node's topmost real object.
+
+        An open but unlinked file has no name left: its open descriptor
+        still answers.
+        """
         if node.is_dir:
             return self.stack.stat_dir(node.layer, node.path())
         st = self.stack.lstat(node.layer, node.dirpath(), node.name)
-        if st is None:
-            raise OSError(errno.ESTALE, "object vanished from its layer")
-        return st
+        if st is not None:
+            return st
+        for handle in self._files.values():
+            if handle.node is node:
+                return os.fstat(handle.fd)
+        raise OSError(errno.ESTALE, "object vanished from its layer")
+
+    def _writable(self) -> Upper:
+        if self.upper is None:
+            raise OSError(errno.EROFS, "read-only union")
+        return self.upper
 
     def _resolve(self, parent: Node, name: bytes) -> Entry | None:
         assert parent.dir_layers is not None
@@ -214,7 +241,9 @@ class UnionOperations(pyfuse3.Operations):
                     entry = self._resolve(node, name)
                 else:
                     st0 = self.stack.lstat(layer, dirpath, name)
-                    entry = None if st0 is None else Entry(layer, st0, ino_layer=layer, ino_st=st0)
+                    entry = (
+                        None if st0 is None else self.stack.nondir_entry(layer, dirpath, name, st0)
+                    )
                 if entry is None:  # gone since the listing was taken
                     continue
                 child = self.table.node_for(node, name, entry)
@@ -229,31 +258,243 @@ class UnionOperations(pyfuse3.Operations):
 
     # -- files -----------------------------------------------------------------
 
+    _OPEN_KEEP = os.O_ACCMODE | os.O_APPEND | os.O_SYNC | os.O_DSYNC | os.O_NOATIME
+
+    def _open_fd(self, node: Node, flags: int) -> int:
+        return os.open(
+            node.name,
+            (flags & self._OPEN_KEEP) | os.O_NOFOLLOW | os.O_CLOEXEC,
+            dir_fd=self.stack.dirfd(node.layer, node.dirpath()),
+        )
+
+    def _file_info(self, node: Node, fd: int) -> pyfuse3.FileInfo:
+        fh = self._new_fh()
+        self._files[fh] = FileHandle(fd, node, node.layer)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
     @_guard
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         node = self.table[inode]
         if node.is_dir:
             raise OSError(errno.EISDIR, "is a directory")
-        if flags & os.O_ACCMODE != os.O_RDONLY or flags & os.O_TRUNC:
-            raise OSError(errno.EROFS, "read-only union")
-        fd = os.open(
-            node.name,
-            os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | (flags & os.O_NOATIME),
-            dir_fd=self.stack.dirfd(node.layer, node.dirpath()),
-        )
-        fh = self._new_fh()
-        self._files[fh] = fd
-        return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+        truncate = bool(flags & os.O_TRUNC)
+        if flags & os.O_ACCMODE != os.O_RDONLY or truncate:
+            # Truncation makes the lower data useless: copy up metadata only.
+            await self._writable().copyup.copy_up(node, with_data=not truncate)
+            fd = self._open_fd(node, flags | (os.O_TRUNC if truncate else 0))
+            if truncate:
+                os.ftruncate(fd, 0)
+        else:
+            fd = self._open_fd(node, flags)
+        return self._file_info(node, fd)
 
     @_guard
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        return os.pread(self._files[fh], size, off)
+        return os.pread(self._files[fh].fd, size, off)
+
+    @_guard
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        return os.pwrite(self._files[fh].fd, buf, off)
+
+    @_guard
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        fd = self._files[fh].fd
+        if datasync:
+            os.fdatasync(fd)
+        else:
+            os.fsync(fd)
 
     @_guard
     async def release(self, fh: int) -> None:
-        fd = self._files.pop(fh, None)
-        if fd is not None:
-            os.close(fd)
+        handle = self._files.pop(fh, None)
+        if handle is not None:
+            os.close(handle.fd)
+
+    # -- creating and removing -------------------------------------------------
+
+    async def _new(
+        self,
+        parent_inode: int,
+        name: bytes,
+        ctx: pyfuse3.RequestContext,
+        is_dir: bool,
+        make: Callable[[int, bytes], int | None],
+    ) -> tuple[Node, pyfuse3.EntryAttributes, int | None]:
+        """Create an object in the upper, owned as the caller would own it.
+
+        Ownership and the setgid bit follow the POSIX rules (a setgid parent
+        passes on its group, and to directories its setgid bit); the object
+        is finished before it becomes visible.
+        """
+        upper = self._writable()
+        parent = self._dir(parent_inode)
+        pst = self._stat(parent)
+        sgid = bool(pst.st_mode & stat_mod.S_ISGID)
+        gid = pst.st_gid if sgid else ctx.gid
+
+        def made(dir_fd: int, n: bytes) -> int | None:
+            fd = make(dir_fd, n)
+            try:
+                if self.is_root:
+                    os.chown(n, ctx.uid, gid, dir_fd=dir_fd, follow_symlinks=False)
+                if is_dir and sgid:
+                    mode = os.stat(n, dir_fd=dir_fd).st_mode
+                    os.chmod(b"/proc/self/fd/%d/%s" % (dir_fd, n), mode | stat_mod.S_ISGID)
+            except BaseException:
+                if fd is not None:
+                    os.close(fd)
+                raise
+            return fd
+
+        fd = await upper.create(parent, name, made, is_dir)
+        path = parent.path()
+        st = self.stack.lstat(0, path, name)
+        if st is None:
+            raise OSError(errno.EIO, "created object vanished")
+        entry = Entry(0, st, (0,) if is_dir else None, frozenset(), 0, st)
+        node = self.table.node_for(parent, name, entry)
+        attrs = self._attrs(node, st)
+        self.table.ref(node)
+        return node, attrs, fd
+
+    @_guard
+    async def create(
+        self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+    ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        oflags = (flags & self._OPEN_KEEP) | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        node, attrs, fd = await self._new(
+            parent_inode,
+            name,
+            ctx,
+            False,
+            lambda d, n: os.open(n, oflags, stat_mod.S_IMODE(mode), dir_fd=d),
+        )
+        assert fd is not None
+        return self._file_info(node, fd), attrs
+
+    @_guard
+    async def mkdir(
+        self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        def make(d: int, n: bytes) -> None:
+            os.mkdir(n, stat_mod.S_IMODE(mode), dir_fd=d)
+
+        return (await self._new(parent_inode, name, ctx, True, make))[1]
+
+    @_guard
+    async def mknod(
+        self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        if stat_mod.S_ISCHR(mode) and rdev == 0:
+            raise OSError(errno.EPERM, "a char device 0/0 is a whiteout")
+
+        def make(d: int, n: bytes) -> None:
+            os.mknod(n, mode, rdev, dir_fd=d)
+
+        return (await self._new(parent_inode, name, ctx, False, make))[1]
+
+    @_guard
+    async def symlink(
+        self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        def make(d: int, n: bytes) -> None:
+            os.symlink(target, n, dir_fd=d)
+
+        return (await self._new(parent_inode, name, ctx, False, make))[1]
+
+    @_guard
+    async def link(
+        self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
+    ) -> pyfuse3.EntryAttributes:
+        upper = self._writable()
+        node = self.table[inode]
+        if node.is_dir:
+            raise OSError(errno.EPERM, "hard links to directories are not allowed")
+        await upper.copyup.copy_up(node)
+        src_dir = self.stack.dirfd(0, node.dirpath())
+        src_name = node.name
+        parent = self._dir(new_parent_inode)
+
+        def make(d: int, n: bytes) -> None:
+            os.link(src_name, n, src_dir_fd=src_dir, dst_dir_fd=d, follow_symlinks=False)
+
+        await upper.create(parent, new_name, make, False)
+        attrs = self._attrs(node, self._stat(node))
+        self.table.ref(node)
+        parent.children[new_name] = node
+        return attrs
+
+    @_guard
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self._writable().remove(self._dir(parent_inode), name, want_dir=False)
+
+    @_guard
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        await self._writable().remove(self._dir(parent_inode), name, want_dir=True)
+
+    @_guard
+    async def rename(
+        self,
+        parent_old: int,
+        name_old: bytes,
+        parent_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: pyfuse3.RequestContext,
+    ) -> None:
+        await self._writable().rename(
+            self._dir(parent_old), name_old, self._dir(parent_new), name_new, flags
+        )
+
+    # -- attributes --------------------------------------------------------------
+
+    def _object_fd(self, node: Node) -> int:
+        """An O_PATH descriptor of the node's upper object (never a symlink's target)."""
+        if node.parent is None:
+            return os.dup(self.stack.dirfd(0, ()))
+        return os.open(
+            node.name,
+            os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC,
+            dir_fd=self.stack.dirfd(0, node.dirpath()),
+        )
+
+    @_guard
+    async def setattr(
+        self,
+        inode: int,
+        attr: pyfuse3.EntryAttributes,
+        fields: pyfuse3.SetattrFields,
+        fh: int | None,
+        ctx: pyfuse3.RequestContext,
+    ) -> pyfuse3.EntryAttributes:
+        upper = self._writable()
+        node = self.table[inode]
+        to_zero = fields.update_size and attr.st_size == 0
+        await upper.copyup.copy_up(node, with_data=not to_zero)
+        handle = self._files.get(fh) if fh is not None else None
+        ofd = self._object_fd(node)
+        try:
+            path = b"/proc/self/fd/%d" % ofd
+            if fields.update_uid or fields.update_gid:
+                uid = attr.st_uid if fields.update_uid else -1
+                gid = attr.st_gid if fields.update_gid else -1
+                os.chown(path, uid, gid)
+            if fields.update_mode:
+                os.chmod(path, stat_mod.S_IMODE(attr.st_mode))
+            if fields.update_size:
+                if handle is not None and handle.layer == 0:
+                    os.ftruncate(handle.fd, attr.st_size)
+                else:
+                    os.truncate(path, attr.st_size)
+            if fields.update_atime or fields.update_mtime:
+                cur = os.fstat(ofd)
+                atime = attr.st_atime_ns if fields.update_atime else cur.st_atime_ns
+                mtime = attr.st_mtime_ns if fields.update_mtime else cur.st_mtime_ns
+                os.utime(path, ns=(atime, mtime), follow_symlinks=False)
+            st = os.fstat(ofd)
+        finally:
+            os.close(ofd)
+        return self._attrs(node, st)
 
     # -- xattrs and statfs -----------------------------------------------------
 
@@ -265,7 +506,7 @@ class UnionOperations(pyfuse3.Operations):
     @_guard
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         if markers.is_private_xattr(name):
-            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
+            raise OSError(errno.EOPNOTSUPP, "union-private xattr")
         node = self.table[inode]
         layer, dirpath, fname = self._xattr_target(node)
         path = self.stack.xattr_path(layer, dirpath, fname)
@@ -276,6 +517,34 @@ class UnionOperations(pyfuse3.Operations):
         node = self.table[inode]
         layer, dirpath, fname = self._xattr_target(node)
         return markers.visible_xattrs(self.stack.listxattr(layer, dirpath, fname))
+
+    @_guard
+    async def setxattr(
+        self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
+    ) -> None:
+        if markers.is_private_xattr(name):
+            raise OSError(errno.EOPNOTSUPP, "union-private xattr")
+        upper = self._writable()
+        node = self.table[inode]
+        await upper.copyup.copy_up(node)
+        ofd = self._object_fd(node)
+        try:
+            os.setxattr(b"/proc/self/fd/%d" % ofd, name, value)
+        finally:
+            os.close(ofd)
+
+    @_guard
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        if markers.is_private_xattr(name):
+            raise OSError(errno.EOPNOTSUPP, "union-private xattr")
+        upper = self._writable()
+        node = self.table[inode]
+        await upper.copyup.copy_up(node)
+        ofd = self._object_fd(node)
+        try:
+            os.removexattr(b"/proc/self/fd/%d" % ofd, name)
+        finally:
+            os.close(ofd)
 
     @_guard
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
@@ -297,7 +566,7 @@ class UnionOperations(pyfuse3.Operations):
 
     def close(self) -> None:
         """Release every descriptor the handlers still hold (after unmount)."""
-        for fd in self._files.values():
-            os.close(fd)
+        for handle in self._files.values():
+            os.close(handle.fd)
         self._files.clear()
         self._dirs.clear()

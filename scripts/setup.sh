@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs what unionfs needs on a Debian machine and builds the venv in .venv.
+# Idempotent and quick when everything is already there; sourced by scripts/demo
+# and scripts/test, so each of those is the only command a fresh machine needs.
+set -euo pipefail
+top=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+
+need_apt=()
+command -v fusermount3 >/dev/null || need_apt+=(fuse3)
+pkg-config --exists fuse3 2>/dev/null || need_apt+=(libfuse3-dev pkg-config)
+command -v setfattr >/dev/null || need_apt+=(attr)
+command -v gcc >/dev/null || need_apt+=(gcc)
+python3 -c 'import ensurepip, venv' 2>/dev/null || need_apt+=(python3-venv)
+[ -e "$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" ] \
+  || need_apt+=(python3-dev)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  echo "setup: installing ${need_apt[*]}" >&2
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${need_apt[@]}" >/dev/null
+fi
+
+venv="$top/.venv"
+stamp="$venv/.installed-$(sha1sum "$top/pyproject.toml" | cut -c1-12)"
+if [ ! -e "$stamp" ]; then
+  echo "setup: creating $venv" >&2
+  python3 -m venv "$venv"
+  if ! "$venv/bin/pip" install -e "$top[test]" >"$venv/pip.log" 2>&1; then
+    cat "$venv/pip.log" >&2; exit 1
+  fi
+  touch "$stamp"
+fi
+export PATH="$venv/bin:$PATH"

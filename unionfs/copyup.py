@@ -1,0 +1,292 @@
+"""Copy-up: bringing a lower object into the upper before its first change.
+
+A copy-up is atomic.  The copy is built under ``<workdir>/work/`` (same
+filesystem as the upper), given its data, xattrs, owner, mode and times,
+fsync'd, and only then renamed into place: a crash or SIGKILL at any moment
+leaves either the lower object visible (and a leftover in ``work/``, removed
+at the next mount) or the complete copy, never a partial file.
+
+Data moves as cheaply as the system allows: a reflink (FICLONE) first, then
+``copy_file_range`` over the data extents only (SEEK_DATA/SEEK_HOLE), so
+sparse files stay sparse, then a plain read/write loop.  Copies of more than
+``THREAD_THRESHOLD`` bytes run in a worker thread so that the daemon keeps
+answering other requests meanwhile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import itertools
+import logging
+import os
+import shutil
+import stat as stat_mod
+
+import trio
+
+from . import markers
+from .inodes import Node
+from .layers import LayerStack
+from .markers import Writer
+from .syscalls import FICLONE, RENAME_NOREPLACE, renameat2
+
+log = logging.getLogger(__name__)
+
+THREAD_THRESHOLD = 1 << 20
+_CHUNK = 1 << 20
+_NOT_PERMITTED = (errno.EPERM, errno.EACCES, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EINVAL)
+
+
+def copy_data(src: int, dst: int, size: int) -> None:
+    """Copy ``size`` bytes between descriptors, keeping holes as holes."""
+    try:
+        fcntl.ioctl(dst, FICLONE, src)
+        return
+    except OSError:
+        pass
+    off = 0
+    while off < size:
+        try:
+            start = os.lseek(src, off, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # only a hole is left
+                break
+            start = off  # no SEEK_DATA support: treat everything as data
+            end = size
+        else:
+            end = min(os.lseek(src, start, os.SEEK_HOLE), size)
+        _copy_range(src, dst, start, end)
+        off = end
+    os.ftruncate(dst, size)
+
+
+def _copy_range(src: int, dst: int, start: int, end: int) -> None:
+    pos = start
+    while pos < end:
+        n = min(_CHUNK * 16, end - pos)
+        try:
+            done = os.copy_file_range(src, dst, n, pos, pos)
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            done = 0
+        if done == 0:  # not supported here, or source shrank: fall back to read/write
+            buf = os.pread(src, min(_CHUNK, end - pos), pos)
+            if not buf:
+                return
+            done = os.pwrite(dst, buf, pos)
+        pos += done
+
+
+def copy_xattrs(src: bytes, dst: bytes, follow: bool = True) -> None:
+    """Copy every non-private xattr (ACLs and capabilities included) that may be set."""
+    try:
+        names = os.listxattr(src, follow_symlinks=follow)
+    except OSError as e:
+        if e.errno in (errno.ENOTSUP, errno.EOPNOTSUPP):
+            return
+        raise
+    for name in names:
+        bname = os.fsencode(name)
+        if markers.is_private_xattr(bname):
+            continue
+        try:
+            os.setxattr(
+                dst, bname, os.getxattr(src, bname, follow_symlinks=follow), follow_symlinks=follow
+            )
+        except OSError as e:
+            if e.errno not in _NOT_PERMITTED:
+                raise
+            log.debug("xattr %r not copied up: %s", name, e.strerror)
+
+
+class CopyUp:
+    """Copies lower objects into the upper, through the work directory."""
+
+    def __init__(self, stack: LayerStack, workdir: str, writer: Writer) -> None:
+        assert stack.upper is not None
+        self.stack = stack
+        self.writer = writer
+        work = os.path.join(workdir, "work")
+        os.makedirs(work, mode=0o700, exist_ok=True)
+        self.work_dir = os.fsencode(work)
+        self.work_fd = os.open(work, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        self._names = itertools.count()
+        self._locks: dict[int, trio.Lock] = {}
+        self.clean()
+
+    def close(self) -> None:
+        os.close(self.work_fd)
+
+    def clean(self) -> int:
+        """Remove what a crash left in the work directory; returns the count."""
+        names = os.listdir(b"/proc/self/fd/%d" % self.work_fd)
+        for name in names:
+            self.remove(name)
+        n = len(names)
+        if n:
+            log.info("removed %d leftover(s) from the work directory", n)
+        return n
+
+    def remove(self, name: bytes) -> None:
+        """Remove a work-dir object, a whole tree for a directory."""
+        try:
+            st = os.stat(name, dir_fd=self.work_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        if stat_mod.S_ISDIR(st.st_mode):
+            shutil.rmtree(os.path.join(self.work_dir, name))
+        else:
+            os.unlink(name, dir_fd=self.work_fd)
+
+    def temp_name(self) -> bytes:
+        return b"#%d.%d" % (os.getpid(), next(self._names))
+
+    def work_path(self, name: bytes) -> bytes:
+        return b"/proc/self/fd/%d/%s" % (self.work_fd, name)
+
+    # -- metadata --------------------------------------------------------------
+
+    def set_meta(
+        self, name: bytes, st: os.stat_result, xattr_src: bytes | None, origin: int | None
+    ) -> None:
+        """Owner, mode, xattrs and times of a work-dir object, in the order that keeps them.
+
+        chown first (it clears setuid bits and capabilities), xattrs next,
+        times last.  When the mounter may not chown (rootless), the object
+        keeps the mounter's ownership; data and mode are kept regardless.
+        ``origin`` is the inode number the merged view showed, recorded so it
+        survives remounts.
+        """
+        fd = self.work_fd
+        symlink = stat_mod.S_ISLNK(st.st_mode)
+        try:
+            os.chown(name, st.st_uid, st.st_gid, dir_fd=fd, follow_symlinks=False)
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.EINVAL):
+                raise
+        path = self.work_path(name)
+        if not symlink:
+            os.chmod(path, stat_mod.S_IMODE(st.st_mode))
+        if xattr_src is not None:
+            copy_xattrs(xattr_src, path, follow=not symlink)
+        if origin is not None:
+            try:
+                os.setxattr(
+                    path, self.writer.origin_xattr, b"%d" % origin, follow_symlinks=not symlink
+                )
+            except OSError as e:
+                if e.errno not in _NOT_PERMITTED:
+                    raise
+        os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=fd, follow_symlinks=False)
+
+    # -- copy-up ---------------------------------------------------------------
+
+    async def ensure_dir(self, node: Node) -> None:
+        """Make sure directory ``node`` and its ancestors exist in the upper."""
+        assert node.dir_layers is not None
+        if node.dir_layers[0] == 0:
+            return
+        assert node.parent is not None
+        await self.ensure_dir(node.parent)
+        async with self._lock(node):
+            if node.dir_layers[0] == 0:
+                return
+            path = node.path()
+            st = self.stack.stat_dir(node.dir_layers[0], path)
+            tmp = self.temp_name()
+            os.mkdir(tmp, 0o700, dir_fd=self.work_fd)
+            try:
+                self.set_meta(tmp, st, self.stack.xattr_path(node.dir_layers[0], path), None)
+                parent_fd = self.stack.dirfd(0, path[:-1])
+                renameat2(self.work_fd, tmp, parent_fd, path[-1], RENAME_NOREPLACE)
+            except BaseException:
+                self.remove(tmp)
+                raise
+            node.dir_layers = (0, *node.dir_layers)
+            node.layer = 0
+
+    async def copy_up(self, node: Node, with_data: bool = True) -> None:
+        """Bring non-directory ``node`` into the upper (no-op if it is there)."""
+        if node.is_dir:
+            await self.ensure_dir(node)
+            return
+        if node.layer == 0:
+            return
+        assert node.parent is not None
+        await self.ensure_dir(node.parent)
+        async with self._lock(node):
+            if node.layer == 0:
+                return
+            await self._copy_nondir(node, with_data)
+            node.layer = 0
+
+    async def _copy_nondir(self, node: Node, with_data: bool) -> None:
+        layer, dirpath, name = node.layer, node.dirpath(), node.name
+        src_dir = self.stack.dirfd(layer, dirpath)
+        st = os.stat(name, dir_fd=src_dir, follow_symlinks=False)
+        tmp = self.temp_name()
+        try:
+            if stat_mod.S_ISREG(st.st_mode):
+                await self._copy_file(src_dir, name, tmp, st, with_data, node.ino)
+            else:
+                if stat_mod.S_ISLNK(st.st_mode):
+                    os.symlink(os.readlink(name, dir_fd=src_dir), tmp, dir_fd=self.work_fd)
+                else:
+                    os.mknod(tmp, st.st_mode, st.st_rdev, dir_fd=self.work_fd)
+                src_path = self.stack.xattr_path(layer, dirpath, name)
+                self.set_meta(tmp, st, src_path, node.ino)
+            # The parent may have moved while a big copy ran: look it up now.
+            dst_dir = self.stack.dirfd(0, node.dirpath())
+            renameat2(self.work_fd, tmp, dst_dir, node.name, RENAME_NOREPLACE)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=self.work_fd)
+            raise
+
+    async def _copy_file(
+        self, src_dir: int, name: bytes, tmp: bytes, st: os.stat_result, with_data: bool, ino: int
+    ) -> None:
+        src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_dir)
+        try:
+            dst = os.open(
+                tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=self.work_fd
+            )
+            try:
+                if with_data and st.st_size > THREAD_THRESHOLD:
+                    await trio.to_thread.run_sync(copy_data, src, dst, st.st_size)
+                elif with_data:
+                    copy_data(src, dst, st.st_size)
+                self.set_meta(tmp, st, b"/proc/self/fd/%d" % src, ino)
+                if with_data and st.st_size > THREAD_THRESHOLD:
+                    await trio.to_thread.run_sync(os.fsync, dst)
+                else:
+                    os.fsync(dst)
+            finally:
+                os.close(dst)
+        finally:
+            os.close(src)
+
+    def _lock(self, node: Node) -> _NodeLock:
+        return _NodeLock(self._locks, node.ino)
+
+
+class _NodeLock:
+    """A per-inode trio lock, dropped from the table when nobody holds or waits."""
+
+    def __init__(self, locks: dict[int, trio.Lock], ino: int) -> None:
+        self.locks, self.ino = locks, ino
+
+    async def __aenter__(self) -> None:
+        lock = self.locks.get(self.ino)
+        if lock is None:
+            lock = self.locks[self.ino] = trio.Lock()
+        await lock.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        lock = self.locks[self.ino]
+        lock.release()
+        if not lock.statistics().tasks_waiting:
+            del self.locks[self.ino]

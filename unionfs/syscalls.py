@@ -1,0 +1,31 @@
+"""System calls the standard library lacks: ``renameat2`` and ``FICLONE``.
+
+``renameat2`` gives the atomic steps the write path is built on: EXCHANGE
+(swap a finished directory with a whiteout in one step), NOREPLACE, and
+WHITEOUT (move an object away and leave a whiteout behind, atomically).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import os
+
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+RENAME_WHITEOUT = 4
+
+#: ioctl FICLONE: share the source's extents (reflink) on btrfs, xfs, ...
+FICLONE = 0x40049409
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+_renameat2 = _libc.renameat2
+_renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+_renameat2.restype = ctypes.c_int
+
+
+def renameat2(olddirfd: int, oldname: bytes, newdirfd: int, newname: bytes, flags: int = 0) -> None:
+    """rename(2) relative to directory descriptors, with flags; raises OSError."""
+    if _renameat2(olddirfd, oldname, newdirfd, newname, flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), oldname, None, newname)

@@ -1,0 +1,290 @@
+"""Namespace changes in the upper: create, remove and rename, with markers.
+
+Each change is made so that a crash at any point leaves a consistent merged
+view: objects are finished in the work directory and moved into place with a
+single rename (RENAME_EXCHANGE to put a directory where a whiteout was,
+RENAME_WHITEOUT to move an object away and leave its whiteout in the same
+step).  The rules are overlayfs':
+
+* removing a name that lower layers also hold leaves a whiteout;
+* a directory created where a whiteout was is opaque, so the deleted lower
+  contents never come back;
+* renaming a directory with lower contents first makes it a pure upper
+  directory (its visible tree copied up, then marked opaque), so the move is
+  one rename; the kernel's EXDEV is never returned.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat as stat_mod
+from collections.abc import Callable
+
+from . import markers
+from .copyup import CopyUp
+from .inodes import InodeTable, Node
+from .layers import LayerStack
+from .markers import Writer
+from .syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, renameat2
+
+#: Makes an object named ``name`` in directory ``dir_fd``; may return an open fd.
+Maker = Callable[[int, bytes], int | None]
+
+
+class Upper:
+    """The write side of the union: every change lands here."""
+
+    def __init__(
+        self, stack: LayerStack, table: InodeTable, copyup: CopyUp, writer: Writer
+    ) -> None:
+        self.stack = stack
+        self.table = table
+        self.copyup = copyup
+        self.writer = writer
+
+    # -- queries ---------------------------------------------------------------
+
+    def resolve(self, parent: Node, name: bytes) -> Node | None:
+        """The node at ``parent/name``, live or freshly resolved (not counted)."""
+        node = self.table.cached_child(parent, name)
+        if node is not None:
+            return node
+        assert parent.dir_layers is not None
+        entry = self.stack.lookup(parent.path(), parent.dir_layers, parent.xwh_layers, name)
+        return None if entry is None else self.table.node_for(parent, name, entry)
+
+    def lower_has(self, parent: Node, name: bytes) -> bool:
+        """Would ``name`` show from a lower layer if the upper had nothing there?"""
+        assert parent.dir_layers is not None
+        lowers = tuple(layer for layer in parent.dir_layers if layer != 0)
+        if not lowers:
+            return False
+        return self.stack.lookup(parent.path(), lowers, parent.xwh_layers, name) is not None
+
+    def is_empty(self, node: Node) -> bool:
+        assert node.dir_layers is not None
+        return not self.stack.merged_names(node.path(), node.dir_layers, node.xwh_layers)
+
+    # -- creating --------------------------------------------------------------
+
+    async def create(self, parent: Node, name: bytes, make: Maker, is_dir: bool) -> int | None:
+        """Make a new object at ``parent/name`` in the upper (the name is free).
+
+        Over a whiteout, the object is built in the work dir and swapped in,
+        and a directory is made opaque so the lower contents stay deleted.
+        """
+        if markers.is_marker_name(name):
+            raise OSError(errno.EINVAL, "names starting with .wh. cannot be stored in a layer")
+        await self.copyup.ensure_dir(parent)
+        path = parent.path()
+        pfd = self.stack.dirfd(0, path)
+        st = self.stack.lstat(0, path, name)
+        if st is not None and not markers.is_char_whiteout(st.st_mode, st.st_rdev):
+            raise OSError(errno.EEXIST, "exists in the upper")
+        oci_wh = self.stack.lstat(0, path, markers.oci_whiteout_name(name)) is not None
+        if st is None and not (is_dir and (oci_wh or self.lower_has(parent, name))):
+            fd = make(pfd, name)
+        else:
+            work = self.copyup.work_fd
+            tmp = self.copyup.temp_name()
+            fd = make(work, tmp)
+            try:
+                if is_dir:
+                    dfd = os.open(tmp, _PATH_DIR, dir_fd=work)
+                    try:
+                        self.writer.set_opaque(dfd)
+                    finally:
+                        os.close(dfd)
+                if st is None:
+                    renameat2(work, tmp, pfd, name, RENAME_NOREPLACE)
+                elif is_dir:
+                    renameat2(work, tmp, pfd, name, RENAME_EXCHANGE)
+                    os.unlink(tmp, dir_fd=work)
+                else:
+                    renameat2(work, tmp, pfd, name, 0)
+            except BaseException:
+                if fd is not None:
+                    os.close(fd)
+                self._remove_work(tmp)
+                raise
+        if oci_wh:
+            os.unlink(markers.oci_whiteout_name(name), dir_fd=pfd)
+        return fd
+
+    # -- removing --------------------------------------------------------------
+
+    async def remove(self, parent: Node, name: bytes, want_dir: bool) -> Node:
+        """unlink/rmdir ``parent/name``, leaving a whiteout where lowers have it."""
+        node = self.resolve(parent, name)
+        if node is None:
+            raise OSError(errno.ENOENT, "no such entry")
+        if want_dir and not node.is_dir:
+            raise OSError(errno.ENOTDIR, "not a directory")
+        if not want_dir and node.is_dir:
+            raise OSError(errno.EISDIR, "is a directory")
+        if want_dir and not self.is_empty(node):
+            raise OSError(errno.ENOTEMPTY, "directory not empty")
+        await self.copyup.ensure_dir(parent)
+        path = parent.path()
+        pfd = self.stack.dirfd(0, path)
+        whiteout = self.lower_has(parent, name)
+        in_upper = node.layer == 0
+        if in_upper and whiteout and self.writer.fmt == "kernel":
+            tmp = self._work_whiteout()
+            renameat2(self.copyup.work_fd, tmp, pfd, name, RENAME_EXCHANGE)
+            self._remove_work(tmp)
+        else:
+            if in_upper:
+                if node.is_dir:
+                    self._clear_markers((*path, name))
+                    os.rmdir(name, dir_fd=pfd)
+                else:
+                    os.unlink(name, dir_fd=pfd)
+            if whiteout:
+                self.writer.make_whiteout(pfd, name)
+        if node.is_dir:
+            self.stack.forget_dir(0, (*path, name))
+        self.table.unlink_name(parent, name)
+        return node
+
+    def _work_whiteout(self) -> bytes:
+        tmp = self.copyup.temp_name()
+        os.mknod(tmp, stat_mod.S_IFCHR, 0, dir_fd=self.copyup.work_fd)
+        return tmp
+
+    def _remove_work(self, name: bytes) -> None:
+        self.copyup.remove(name)
+
+    def _clear_markers(self, path: tuple[bytes, ...]) -> None:
+        """Empty an upper directory that the merged view already shows as empty."""
+        fd = self.stack.dirfd(0, path)
+        for name, is_dir, _ in self.stack.scandir(0, path):
+            if is_dir:
+                raise OSError(errno.ENOTEMPTY, "directory not empty")
+            os.unlink(name, dir_fd=fd)
+
+    # -- renaming --------------------------------------------------------------
+
+    async def make_pure_upper(self, node: Node) -> None:
+        """Copy a directory's whole visible tree into the upper and make it opaque.
+
+        Each child is copied up atomically, and the merged view is the same
+        after every step, so a crash half way leaves nothing wrong behind.
+        """
+        assert node.dir_layers is not None
+        await self.copyup.ensure_dir(node)
+        if node.dir_layers == (0,):
+            return
+        for name, _layer, _is_dir in self.stack.merged_names(
+            node.path(), node.dir_layers, node.xwh_layers
+        ):
+            child = self.resolve(node, name)
+            if child is None:
+                continue
+            if child.is_dir:
+                await self.make_pure_upper(child)
+            else:
+                await self.copyup.copy_up(child)
+        self.writer.set_opaque(self.stack.dirfd(0, node.path()))
+        node.dir_layers = (0,)
+        node.xwh_layers = frozenset()
+
+    async def _to_upper(self, node: Node) -> None:
+        if node.is_dir:
+            assert node.dir_layers is not None
+            if any(layer != 0 for layer in node.dir_layers):
+                await self.make_pure_upper(node)
+        else:
+            await self.copyup.copy_up(node)
+
+    async def rename(
+        self, old_parent: Node, old: bytes, new_parent: Node, new: bytes, flags: int
+    ) -> None:
+        src = self.resolve(old_parent, old)
+        if src is None:
+            raise OSError(errno.ENOENT, "no such entry")
+        dst = self.resolve(new_parent, new)
+        if markers.is_marker_name(new):
+            raise OSError(errno.EINVAL, "names starting with .wh. cannot be stored in a layer")
+        if flags & RENAME_NOREPLACE and dst is not None:
+            raise OSError(errno.EEXIST, "target exists")
+        if flags & RENAME_EXCHANGE:
+            if dst is None:
+                raise OSError(errno.ENOENT, "target does not exist")
+            await self._exchange(old_parent, old, src, new_parent, new, dst)
+            return
+        if flags & ~RENAME_NOREPLACE:
+            raise OSError(errno.EINVAL, "unsupported rename flags")
+        if dst is src:
+            return
+        if dst is not None:
+            if src.is_dir and not dst.is_dir:
+                raise OSError(errno.ENOTDIR, "not a directory")
+            if not src.is_dir and dst.is_dir:
+                raise OSError(errno.EISDIR, "is a directory")
+            if dst.is_dir and not self.is_empty(dst):
+                raise OSError(errno.ENOTEMPTY, "directory not empty")
+
+        await self._to_upper(src)
+        await self.copyup.ensure_dir(new_parent)
+        old_path, new_path = old_parent.path(), new_parent.path()
+        ofd, nfd = self.stack.dirfd(0, old_path), self.stack.dirfd(0, new_path)
+        leave_whiteout = self.lower_has(old_parent, old)
+        dst_st = self.stack.lstat(0, new_path, new)
+        dst_is_wh = dst_st is not None and markers.is_char_whiteout(dst_st.st_mode, dst_st.st_rdev)
+        if src.is_dir:
+            if self.lower_has(new_parent, new) or dst_is_wh:
+                self.writer.set_opaque(self.stack.dirfd(0, (*old_path, old)))
+            if dst_st is not None and stat_mod.S_ISDIR(dst_st.st_mode):
+                self._clear_markers((*new_path, new))
+        if src.is_dir and dst_is_wh:
+            # A directory cannot replace a whiteout by rename: swap them, and the
+            # whiteout lands at the old name, which is what it needs anyway.
+            renameat2(ofd, old, nfd, new, RENAME_EXCHANGE)
+            if not leave_whiteout:
+                os.unlink(old, dir_fd=ofd)
+            leave_whiteout = False
+        elif leave_whiteout and self.writer.fmt == "kernel":
+            try:
+                renameat2(ofd, old, nfd, new, RENAME_WHITEOUT)
+                leave_whiteout = False
+            except OSError as e:
+                if e.errno not in (errno.EINVAL, errno.EPERM, errno.EOPNOTSUPP):
+                    raise
+                renameat2(ofd, old, nfd, new, 0)
+        else:
+            renameat2(ofd, old, nfd, new, 0)
+        if leave_whiteout:
+            self.writer.make_whiteout(ofd, old)
+        if self.stack.lstat(0, new_path, markers.oci_whiteout_name(new)) is not None:
+            os.unlink(markers.oci_whiteout_name(new), dir_fd=nfd)
+        if src.is_dir:
+            self.stack.forget_dir(0, (*old_path, old))
+            self.stack.forget_dir(0, (*new_path, new))
+        self.table.unlink_name(new_parent, new)
+        self.table.unlink_name(old_parent, old)
+        self.table.move(src, new_parent, new)
+
+    async def _exchange(
+        self, op: Node, old: bytes, src: Node, np: Node, new: bytes, dst: Node
+    ) -> None:
+        await self._to_upper(src)
+        await self._to_upper(dst)
+        old_path, new_path = op.path(), np.path()
+        for node, parent, name in ((src, np, new), (dst, op, old)):
+            if node.is_dir and self.lower_has(parent, name):
+                self.writer.set_opaque(self.stack.dirfd(0, node.path()))
+        renameat2(
+            self.stack.dirfd(0, old_path), old, self.stack.dirfd(0, new_path), new, RENAME_EXCHANGE
+        )
+        for node, path, name in ((src, old_path, old), (dst, new_path, new)):
+            if node.is_dir:
+                self.stack.forget_dir(0, (*path, name))
+        self.table.unlink_name(op, old)
+        self.table.unlink_name(np, new)
+        self.table.move(src, np, new)
+        self.table.move(dst, op, old)
+
+
+_PATH_DIR = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC

@@ -229,15 +229,18 @@ class CopyUp:
         st = os.stat(name, dir_fd=src_dir, follow_symlinks=False)
         tmp = self.temp_name()
         try:
+            # A lower file with other names keeps no origin: its copy no longer
+            # shares data with them, so it must not share their number either.
+            origin = node.ino if st.st_nlink == 1 else None
             if stat_mod.S_ISREG(st.st_mode):
-                await self._copy_file(src_dir, name, tmp, st, with_data, node.ino)
+                await self._copy_file(src_dir, name, tmp, st, with_data, origin)
             else:
                 if stat_mod.S_ISLNK(st.st_mode):
                     os.symlink(os.readlink(name, dir_fd=src_dir), tmp, dir_fd=self.work_fd)
                 else:
                     os.mknod(tmp, st.st_mode, st.st_rdev, dir_fd=self.work_fd)
                 src_path = self.stack.xattr_path(layer, dirpath, name)
-                self.set_meta(tmp, st, src_path, node.ino)
+                self.set_meta(tmp, st, src_path, origin)
             # The parent may have moved while a big copy ran: look it up now.
             dst_dir = self.stack.dirfd(0, node.dirpath())
             renameat2(self.work_fd, tmp, dst_dir, node.name, RENAME_NOREPLACE)
@@ -247,7 +250,13 @@ class CopyUp:
             raise
 
     async def _copy_file(
-        self, src_dir: int, name: bytes, tmp: bytes, st: os.stat_result, with_data: bool, ino: int
+        self,
+        src_dir: int,
+        name: bytes,
+        tmp: bytes,
+        st: os.stat_result,
+        with_data: bool,
+        origin: int | None,
     ) -> None:
         src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_dir)
         try:
@@ -259,7 +268,7 @@ class CopyUp:
                     await trio.to_thread.run_sync(copy_data, src, dst, st.st_size)
                 elif with_data:
                     copy_data(src, dst, st.st_size)
-                self.set_meta(tmp, st, b"/proc/self/fd/%d" % src, ino)
+                self.set_meta(tmp, st, b"/proc/self/fd/%d" % src, origin)
                 if with_data and st.st_size > THREAD_THRESHOLD:
                     await trio.to_thread.run_sync(os.fsync, dst)
                 else:

@@ -160,6 +160,10 @@ class InodeTable:
         node = self._nodes.get(ino)
         if node is None:
             return Node(ino, parent, name, entry)
+        if node.layer == 0 and entry.layer != 0:
+            # Another name of a hard-linked lower file that was copied up
+            # through its first name: keep serving the copy.
+            return node
         node.parent, node.name = parent, name
         node.update(entry)
         return node

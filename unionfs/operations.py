@@ -179,7 +179,8 @@ class UnionOperations(pyfuse3.Operations):
                 if entry is None:
                     return self._negative()
                 node = self.table.node_for(parent, name, entry)
-                attrs = self._attrs(node, entry.st)
+                st = entry.st if node.layer == entry.layer else self._stat(node)
+                attrs = self._attrs(node, st)
                 self.table.ref(node)
                 return attrs
         attrs = self._attrs(node, self._stat(node))
@@ -247,7 +248,7 @@ class UnionOperations(pyfuse3.Operations):
                 if entry is None:  # gone since the listing was taken
                     continue
                 child = self.table.node_for(node, name, entry)
-                st = entry.st
+                st = entry.st if child.layer == entry.layer else self._stat(child)
             if not pyfuse3.readdir_reply(token, name, self._attrs(child, st), i + 3):
                 return
             self.table.ref(child)

@@ -5,13 +5,18 @@
 set -euo pipefail
 top=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 
+# The system interpreter, not a per-user one (pyenv under /root): the tests run the
+# daemon as an unprivileged user too, and that user must be able to execute it.
+PY=python3
+[ -x /usr/bin/python3 ] && PY=/usr/bin/python3
+
 need_apt=()
 command -v fusermount3 >/dev/null || need_apt+=(fuse3)
 pkg-config --exists fuse3 2>/dev/null || need_apt+=(libfuse3-dev pkg-config)
 command -v setfattr >/dev/null || need_apt+=(attr)
 command -v gcc >/dev/null || need_apt+=(gcc)
-python3 -c 'import ensurepip, venv' 2>/dev/null || need_apt+=(python3-venv)
-[ -e "$(python3 -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" ] \
+$PY -c 'import ensurepip, venv' 2>/dev/null || need_apt+=(python3-venv)
+[ -e "$($PY -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" ] \
   || need_apt+=(python3-dev)
 if [ ${#need_apt[@]} -gt 0 ]; then
   sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
@@ -21,10 +26,11 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 
 venv="$top/.venv"
-stamp="$venv/.installed-$(sha1sum "$top/pyproject.toml" | cut -c1-12)"
+stamp="$venv/.installed-$( (cat "$top/pyproject.toml"; echo "$PY") | sha1sum | cut -c1-12)"
 if [ ! -e "$stamp" ]; then
   echo "setup: creating $venv" >&2
-  python3 -m venv "$venv"
+  rm -rf "$venv"
+  $PY -m venv "$venv"
   if ! "$venv/bin/pip" install -e "$top[test]" >"$venv/pip.log" 2>&1; then
     cat "$venv/pip.log" >&2; exit 1
   fi

@@ -194,8 +194,10 @@ def main(argv: list[str] | None = None) -> int:
         if cfg.workdir is not None:
             os.makedirs(cfg.workdir, mode=0o700, exist_ok=True)
         daemon.mount()
-    except (OSError, RuntimeError) as e:
-        msg = f"cannot mount {cfg.mountpoint!r}: {getattr(e, 'strerror', None) or e}"
+    except Exception as e:
+        log.exception("start-up failed")
+        reason = getattr(e, "strerror", None) or f"{type(e).__name__}: {e}"
+        msg = f"cannot mount {cfg.mountpoint!r}: {reason}"
         if ready_fd is not None:
             os.write(ready_fd, msg.encode())
             os.close(ready_fd)

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 THREAD_THRESHOLD = 1 << 20
 _CHUNK = 1 << 20
+_NOT_PERMITTED_ERRORS = (PermissionError, NotImplementedError)
 _NOT_PERMITTED = (errno.EPERM, errno.EACCES, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EINVAL)
 
 
@@ -113,12 +114,18 @@ class CopyUp:
         os.makedirs(work, mode=0o700, exist_ok=True)
         self.work_dir = os.fsencode(work)
         self.work_fd = os.open(work, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        index = os.path.join(workdir, "index")
+        os.makedirs(index, mode=0o700, exist_ok=True)
+        self.index_fd = os.open(index, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        stack.index_fd = self.index_fd
+        stack.lower_links_xattr = writer.lower_links_xattr
         self._names = itertools.count()
         self._locks: dict[int, trio.Lock] = {}
         self.clean()
 
     def close(self) -> None:
         os.close(self.work_fd)
+        os.close(self.index_fd)
 
     def clean(self) -> int:
         """Remove what a crash left in the work directory; returns the count."""
@@ -223,15 +230,45 @@ class CopyUp:
             await self._copy_nondir(node, with_data)
             node.layer = 0
 
+    def link_indexed(self, node: Node) -> bool:
+        """Link the indexed copy of a hard-linked lower file in at ``node``'s name.
+
+        A lower file with several names is copied up once: the copy is also
+        linked as ``<workdir>/index/<inode number>`` (as overlayfs' index=on
+        does), and every other name, when first used, becomes one more link to
+        it.  So all names stay one file, also after a remount.
+        """
+        key = b"%d" % node.ino
+        try:
+            os.link(
+                key,
+                node.name,
+                src_dir_fd=self.index_fd,
+                dst_dir_fd=self.stack.dirfd(0, node.dirpath()),
+                follow_symlinks=False,
+            )
+        except FileNotFoundError:
+            return False
+        xattr = self.writer.lower_links_xattr
+        path = b"/proc/self/fd/%d/%s" % (self.index_fd, key)
+        try:
+            left = max(int(os.getxattr(path, xattr, follow_symlinks=False)) - 1, 0)
+            os.setxattr(path, xattr, b"%d" % left, follow_symlinks=False)
+        except (OSError, ValueError):
+            left = None  # no count kept (e.g. user xattrs on a symlink): report the real one
+        node.lower_links = left
+        return True
+
     async def _copy_nondir(self, node: Node, with_data: bool) -> None:
         layer, dirpath, name = node.layer, node.dirpath(), node.name
         src_dir = self.stack.dirfd(layer, dirpath)
         st = os.stat(name, dir_fd=src_dir, follow_symlinks=False)
+        hardlinked = st.st_nlink > 1
+        if hardlinked and self.link_indexed(node):
+            return
         tmp = self.temp_name()
         try:
-            # A lower file with other names keeps no origin: its copy no longer
-            # shares data with them, so it must not share their number either.
-            origin = node.ino if st.st_nlink == 1 else None
+            origin = node.ino
             if stat_mod.S_ISREG(st.st_mode):
                 await self._copy_file(src_dir, name, tmp, st, with_data, origin)
             else:
@@ -241,6 +278,22 @@ class CopyUp:
                     os.mknod(tmp, st.st_mode, st.st_rdev, dir_fd=self.work_fd)
                 src_path = self.stack.xattr_path(layer, dirpath, name)
                 self.set_meta(tmp, st, src_path, origin)
+            if hardlinked:
+                with contextlib.suppress(*_NOT_PERMITTED_ERRORS):
+                    os.setxattr(
+                        self.work_path(tmp),
+                        self.writer.lower_links_xattr,
+                        b"%d" % (st.st_nlink - 1),
+                        follow_symlinks=False,
+                    )
+                    node.lower_links = st.st_nlink - 1
+                os.link(
+                    tmp,
+                    b"%d" % node.ino,
+                    src_dir_fd=self.work_fd,
+                    dst_dir_fd=self.index_fd,
+                    follow_symlinks=False,
+                )
             # The parent may have moved while a big copy ran: look it up now.
             dst_dir = self.stack.dirfd(0, node.dirpath())
             renameat2(self.work_fd, tmp, dst_dir, node.name, RENAME_NOREPLACE)

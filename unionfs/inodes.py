@@ -44,6 +44,7 @@ class Node:
         "dir_layers",
         "ino",
         "layer",
+        "lower_links",
         "name",
         "nlookup",
         "parent",
@@ -62,6 +63,10 @@ class Node:
         self.layer = entry.layer
         self.dir_layers = entry.dir_layers
         self.xwh_layers = entry.xwh_layers
+        #: For a copied-up hard-linked lower file: how many of its lower names
+        #: are not linked to the copy yet (None for everything else).  The
+        #: copy's own link count includes the index link, and misses those.
+        self.lower_links = entry.lower_links
 
     @property
     def is_dir(self) -> bool:

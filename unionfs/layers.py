@@ -62,6 +62,7 @@ class Entry:
     ino_layer: int = 0
     ino_st: os.stat_result | None = None
     origin: int | None = None
+    lower_links: int | None = None
 
     @property
     def is_dir(self) -> bool:
@@ -88,6 +89,10 @@ class LayerStack:
         #: The xattr where copy-up records the inode number an object showed
         #: before it was copied (set by the daemon when there is an upper).
         self.origin_xattr: bytes | None = None
+        #: The work dir's hard-link index (see CopyUp.link_indexed), if writable.
+        self.index_fd: int | None = None
+        #: Where an indexed copy records its lower names not linked up yet.
+        self.lower_links_xattr: bytes | None = None
 
     def close(self) -> None:
         for fd in self._cache.values():
@@ -217,7 +222,21 @@ class LayerStack:
     def nondir_entry(self, layer: int, dirpath: Path, name: bytes, st: os.stat_result) -> Entry:
         """The Entry of a non-directory found at ``layer``."""
         origin = self.origin_of(dirpath, name, None) if layer == 0 and self.upper else None
-        return Entry(layer, st, ino_layer=layer, ino_st=st, origin=origin)
+        entry = Entry(layer, st, ino_layer=layer, ino_st=st, origin=origin)
+        if origin is not None and st.st_nlink > 1 and self.lower_links_xattr is not None:
+            value = self.getxattr(0, dirpath, name, self.lower_links_xattr)
+            entry.lower_links = int(value) if value and value.isdigit() else None
+        return entry
+
+    def in_index(self, number: int) -> bool:
+        """Has the hard-linked lower file with this number been copied up already?"""
+        if self.index_fd is None:
+            return False
+        try:
+            os.stat(b"%d" % number, dir_fd=self.index_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        return True
 
     def dir_opacity(self, layer: int, path: Path, names: list[bytes] | None = None) -> Opacity:
         """Opacity of one layer's copy of a directory, from xattrs or the OCI marker."""

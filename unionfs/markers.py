@@ -147,6 +147,9 @@ class Writer:
         #: st_ino survives remounts.  Inside the overlay namespace, which kernel
         #: overlayfs hides from its users and otherwise ignores.
         self.origin_xattr = xattr_ns + b"overlay.unionfs.origin"
+        #: On an indexed copy of a hard-linked lower file: its lower names not
+        #: linked to the copy yet, so that st_nlink counts every merged name.
+        self.lower_links_xattr = xattr_ns + b"overlay.unionfs.lowerlinks"
 
     def make_whiteout(self, dir_fd: int, name: bytes) -> None:
         """Create a whiteout for ``name`` in the directory ``dir_fd``."""

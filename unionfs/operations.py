@@ -106,7 +106,11 @@ class UnionOperations(pyfuse3.Operations):
         a.st_mode = st.st_mode
         # Like overlayfs: counting subdirectories of a merged directory is not
         # worth it, and nlink=1 tells find not to rely on the count.
-        a.st_nlink = 1 if node.dir_layers is not None and len(node.dir_layers) > 1 else st.st_nlink
+        if node.dir_layers is not None:
+            a.st_nlink = 1 if len(node.dir_layers) > 1 else st.st_nlink
+        else:
+            extra = node.lower_links
+            a.st_nlink = st.st_nlink if extra is None else st.st_nlink - 1 + extra
         a.st_uid = st.st_uid
         a.st_gid = st.st_gid
         a.st_rdev = st.st_rdev
@@ -138,6 +142,23 @@ class UnionOperations(pyfuse3.Operations):
         if self.upper is None:
             raise OSError(errno.EROFS, "read-only union")
         return self.upper
+
+    async def _settle(self, node: Node, st: os.stat_result) -> os.stat_result:
+        """Serve a lower hard link from its indexed upper copy, if it has one.
+
+        Another name of the same lower file was changed (perhaps before a
+        remount): linking this name to the copy keeps all names one file.
+        """
+        if (
+            self.upper is None
+            or node.layer == 0
+            or node.is_dir
+            or st.st_nlink < 2
+            or not self.stack.in_index(node.ino)
+        ):
+            return st
+        await self.upper.copyup.copy_up(node)
+        return self._stat(node)
 
     def _resolve(self, parent: Node, name: bytes) -> Entry | None:
         assert parent.dir_layers is not None
@@ -180,6 +201,7 @@ class UnionOperations(pyfuse3.Operations):
                     return self._negative()
                 node = self.table.node_for(parent, name, entry)
                 st = entry.st if node.layer == entry.layer else self._stat(node)
+                st = await self._settle(node, st)
                 attrs = self._attrs(node, st)
                 self.table.ref(node)
                 return attrs
@@ -249,6 +271,7 @@ class UnionOperations(pyfuse3.Operations):
                     continue
                 child = self.table.node_for(node, name, entry)
                 st = entry.st if child.layer == entry.layer else self._stat(child)
+                st = await self._settle(child, st)
             if not pyfuse3.readdir_reply(token, name, self._attrs(child, st), i + 3):
                 return
             self.table.ref(child)

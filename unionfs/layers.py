@@ -249,6 +249,12 @@ class LayerStack:
             return Opacity.OPAQUE
         return opacity
 
+    def has_oci_whiteout(self, layer: int, dirpath: Path, name: bytes) -> bool:
+        """Is there a ``.wh.NAME`` beside ``name``? (Names over 251 bytes cannot have one.)"""
+        if len(name) > 255 - len(markers.WHITEOUT_PREFIX):
+            return False
+        return self.lstat(layer, dirpath, markers.oci_whiteout_name(name)) is not None
+
     def _is_whiteout(
         self, layer: int, dirpath: Path, name: bytes, st: os.stat_result, xwh: bool
     ) -> bool:
@@ -277,7 +283,7 @@ class LayerStack:
         for layer in dir_layers:
             st = self.lstat(layer, dirpath, name)
             if st is None:
-                if self.lstat(layer, dirpath, markers.oci_whiteout_name(name)) is not None:
+                if self.has_oci_whiteout(layer, dirpath, name):
                     break
                 continue
             if self._is_whiteout(layer, dirpath, name, st, layer in xwh_layers):

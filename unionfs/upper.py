@@ -82,7 +82,7 @@ class Upper:
         st = self.stack.lstat(0, path, name)
         if st is not None and not markers.is_char_whiteout(st.st_mode, st.st_rdev):
             raise OSError(errno.EEXIST, "exists in the upper")
-        oci_wh = self.stack.lstat(0, path, markers.oci_whiteout_name(name)) is not None
+        oci_wh = self.stack.has_oci_whiteout(0, path, name)
         if st is None and not (is_dir and (oci_wh or self.lower_has(parent, name))):
             fd = make(pfd, name)
         else:
@@ -257,7 +257,7 @@ class Upper:
             renameat2(ofd, old, nfd, new, 0)
         if leave_whiteout:
             self.writer.make_whiteout(ofd, old)
-        if self.stack.lstat(0, new_path, markers.oci_whiteout_name(new)) is not None:
+        if self.stack.has_oci_whiteout(0, new_path, new):
             os.unlink(markers.oci_whiteout_name(new), dir_fd=nfd)
         if src.is_dir:
             self.stack.forget_dir(0, (*old_path, old))

@@ -124,7 +124,8 @@ def test_foreground_signal_unmounts_cleanly(dirs, sig):
     mnt = dirs / "mnt"
     proc = subprocess.Popen(
         [*CMD, "-f", f"{dirs}/l1", f"{dirs}/up", str(mnt)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
     )
     try:
         deadline = time.monotonic() + 20

@@ -23,8 +23,9 @@ SIZE = 96 << 20
 
 
 def _start(lower: Path, upper: Path, mnt: Path) -> subprocess.Popen[bytes]:
-    proc = subprocess.Popen([*CMD, "-f", str(lower), str(upper), str(mnt)],
-                            stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [*CMD, "-f", str(lower), str(upper), str(mnt)], stderr=subprocess.DEVNULL
+    )
     deadline = time.monotonic() + 20
     while not mounted(mnt):
         assert proc.poll() is None and time.monotonic() < deadline, "mount failed"
@@ -46,8 +47,7 @@ def test_kill_during_copy_up_leaves_old_or_new(tmp_path, delay):
 
     proc = _start(lower, upper, mnt)
     writer = subprocess.Popen(
-        [sys.executable, "-c",
-         f"f=open({str(mnt / 'big')!r},'ab'); f.write(b'tail'); f.close()"],
+        [sys.executable, "-c", f"f=open({str(mnt / 'big')!r},'ab'); f.write(b'tail'); f.close()"],
         stderr=subprocess.DEVNULL,
     )
     try:

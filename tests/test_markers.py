@@ -68,8 +68,7 @@ def test_opacity_values():
     assert _opacity({b"user.fuseoverlayfs.opaque": b"x"}) is Opacity.MERGE
     # y wins over x whatever the order.
     assert (
-        _opacity({b"user.overlay.opaque": b"x", b"trusted.overlay.opaque": b"y"})
-        is Opacity.OPAQUE
+        _opacity({b"user.overlay.opaque": b"x", b"trusted.overlay.opaque": b"y"}) is Opacity.OPAQUE
     )
 
 

@@ -31,7 +31,12 @@ def test_split_options():
 
 def test_forms():
     cfg = build_config(["l1:l2", "up", "mnt"], [])
-    assert (cfg.lowers, cfg.upper, cfg.mountpoint, cfg.read_only) == (["l1", "l2"], "up", "mnt", False)
+    assert (cfg.lowers, cfg.upper, cfg.mountpoint, cfg.read_only) == (
+        ["l1", "l2"],
+        "up",
+        "mnt",
+        False,
+    )
     cfg = build_config(["l1", "mnt"], [])
     assert cfg.upper is None and cfg.read_only
     cfg = build_config(["mnt"], ["lowerdir=a:b,upperdir=u,workdir=w"])
@@ -87,8 +92,11 @@ def tree(tmp_path):
 
 def _check(tree, lowers, upper, mnt, opts=()):
     cfg = build_config(
-        [":".join(str(tree / x) for x in lowers), *([str(tree / upper)] if upper else []),
-         str(tree / mnt)],
+        [
+            ":".join(str(tree / x) for x in lowers),
+            *([str(tree / upper)] if upper else []),
+            str(tree / mnt),
+        ],
         list(opts),
     )
     check_paths(cfg, is_root=True)

@@ -18,9 +18,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
-from support import diff_snapshots, kernel_overlay, snapshot, unionfs_mount
 
 from unionfs.syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, renameat2
+
+from support import diff_snapshots, kernel_overlay, snapshot, unionfs_mount
 
 pytestmark = [
     pytest.mark.oracle,
@@ -118,16 +119,23 @@ def script(root: Path, rootful: bool) -> list[tuple[str, object]]:
     step("mv merged dir", lambda: mv(root / "merged", root / "merged2"))
     step("listing after mv", lambda: sorted(os.listdir(root / "merged2")))
     step("old name gone", lambda: (root / "merged").exists())
-    step("noreplace", lambda: renameat2(-100, bytes(root / "twin-a"), -100,
-                                        bytes(root / "twin-b"), RENAME_NOREPLACE))
-    step("exchange", lambda: renameat2(-100, bytes(root / "twin-a"), -100,
-                                       bytes(root / "twin-b"), RENAME_EXCHANGE))
+    step(
+        "noreplace",
+        lambda: renameat2(
+            -100, bytes(root / "twin-a"), -100, bytes(root / "twin-b"), RENAME_NOREPLACE
+        ),
+    )
+    step(
+        "exchange",
+        lambda: renameat2(
+            -100, bytes(root / "twin-a"), -100, bytes(root / "twin-b"), RENAME_EXCHANGE
+        ),
+    )
     step("chmod lower", lambda: os.chmod(root / "mode", 0o604))
     if rootful:
         step("chown lower", lambda: os.chown(root / "file", 1234, 5678))
     step("utime lower", lambda: os.utime(root / "hl1", ns=(10**18, 10**18)))
-    step("setxattr lower", lambda: os.setxattr(root / "sym", "user.x", b"1",
-                                               follow_symlinks=False))
+    step("setxattr lower", lambda: os.setxattr(root / "sym", "user.x", b"1", follow_symlinks=False))
     step("setxattr file", lambda: os.setxattr(root / "xa2", "user.size", b"big"))
     step("removexattr", lambda: os.removexattr(root / "xa2", "user.colour"))
     step("truncate lower", lambda: os.truncate(root / "merged2" / "b", 1))
@@ -136,8 +144,10 @@ def script(root: Path, rootful: bool) -> list[tuple[str, object]]:
     step("mkfifo", lambda: os.mkfifo(root / "newfifo"))
     step("append sparse", lambda: append(root / "sparse", "tail"))
     step("unlink fifo", lambda: (root / "fifo").unlink())
-    step("rmdir emptied merged", lambda: [
-        os.unlink(root / "merged2" / n) for n in ("b", "c")] and None)
+    step(
+        "rmdir emptied merged",
+        lambda: [os.unlink(root / "merged2" / n) for n in ("b", "c")] and None,
+    )
     step("rm -r merged2", lambda: shutil.rmtree(root / "merged2"))
     step("mkdir again", lambda: (root / "merged2").mkdir())
     step("final listing", lambda: sorted(os.listdir(root)))
@@ -158,8 +168,7 @@ def test_write_script_matches_kernel_overlayfs(tmp_path_factory, rootless, reque
             os.chown(base / d, user.uid, user.gid)
         os.chown(base, user.uid, user.gid)
 
-    with kernel_overlay(lowers, base / "k-up", base / "k-work", base / "k-mnt",
-                        userxattr=rootless):
+    with kernel_overlay(lowers, base / "k-up", base / "k-work", base / "k-mnt", userxattr=rootless):
         k_log = script(base / "k-mnt", rootful=not rootless)
         k_view = snapshot(base / "k-mnt")
 
@@ -182,8 +191,9 @@ def test_write_script_matches_kernel_overlayfs(tmp_path_factory, rootless, reque
     assert not diff_snapshots(k_view, remounted), diff_snapshots(k_view, remounted)
 
     # The upper unionfs wrote is a valid kernel overlay layer.
-    with kernel_overlay(lowers, base / "u-up", base / "k2-work", base / "k2-mnt",
-                        userxattr=rootless):
+    with kernel_overlay(
+        lowers, base / "u-up", base / "k2-work", base / "k2-mnt", userxattr=rootless
+    ):
         again = snapshot(base / "k2-mnt")
     assert not diff_snapshots(k_view, again), diff_snapshots(k_view, again)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import multiprocessing
 import os
@@ -146,10 +147,8 @@ def test_sigterm_with_open_files_loses_nothing(tmp_path):
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=15) == 0
         assert not mounted(mnt)
-        try:
+        with contextlib.suppress(OSError):
             os.close(fd)
-        except OSError:
-            pass
         assert (upper / "new").read_bytes() == b"written before the signal\n"
     finally:
         if proc.poll() is None:

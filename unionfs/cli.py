@@ -116,8 +116,12 @@ class Daemon:
         self.stack.close()
 
     async def _watch_signals(self) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+        stop = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+        with trio.open_signal_receiver(*stop, signal.SIGUSR1) as sigs:
             async for signum in sigs:
+                if signum == signal.SIGUSR1:
+                    log.warning("stats: %s", self.ops.stats())
+                    continue
                 log.info("signal %d: unmounting", signum)
                 self.stopped_by_signal = True
                 pyfuse3.terminate()

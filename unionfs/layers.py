@@ -126,6 +126,9 @@ class LayerStack:
             os.close(old)
         return fd
 
+    def cached_fds(self) -> int:
+        return len(self._cache)
+
     def forget_dir(self, layer: int, path: Path) -> None:
         """Drop cached descriptors of ``path`` and below (after rename/rmdir)."""
         n = len(path)

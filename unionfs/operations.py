@@ -588,6 +588,15 @@ class UnionOperations(pyfuse3.Operations):
             setattr(out, field, getattr(sv, field))
         return out
 
+    def stats(self) -> dict[str, int]:
+        """Sizes of what the daemon holds (SIGUSR1 logs them)."""
+        return {
+            "nodes": len(self.table),
+            "dir_fds": self.stack.cached_fds(),
+            "open_files": len(self._files),
+            "open_dirs": len(self._dirs),
+        }
+
     def close(self) -> None:
         """Release every descriptor the handlers still hold (after unmount)."""
         for handle in self._files.values():

@@ -145,3 +145,17 @@ def test_nonempty_mountpoint(tree):
     with pytest.raises(ConfigError, match="not empty"):
         _check(tree, ["l1"], "up", "mnt")
     _check(tree, ["l1"], "up", "mnt", ("nonempty",))
+
+
+def test_missing_fuse_device_or_fusermount(tree, monkeypatch):
+    import unionfs.options as options
+
+    real_exists = os.path.exists
+    monkeypatch.setattr(options.os.path, "exists", lambda p: p != "/dev/fuse" and real_exists(p))
+    with pytest.raises(ConfigError, match="/dev/fuse is missing"):
+        _check(tree, ["l1"], "up", "mnt")
+    monkeypatch.setattr(options.os.path, "exists", real_exists)
+    monkeypatch.setattr(options.shutil, "which", lambda name: None)
+    cfg = build_config([str(tree / "l1"), str(tree / "up"), str(tree / "mnt")], [])
+    with pytest.raises(ConfigError, match="fusermount3 not found"):
+        check_paths(cfg, is_root=False)

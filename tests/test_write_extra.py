@@ -1,0 +1,77 @@
+"""Write-path behaviour beyond the oracle script: mmap, OCI markers, mount flags."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import stat
+
+import pytest
+
+from unionfs import markers
+
+from support import snapshot, unionfs_mount
+
+
+@pytest.fixture
+def layers(tmp_path):
+    lower, upper, mnt = tmp_path / "lower", tmp_path / "upper", tmp_path / "mnt"
+    for d in (lower, upper, mnt):
+        d.mkdir()
+    (lower / "data").write_bytes(b"0123456789" * 1000)
+    (lower / "dir").mkdir()
+    (lower / "dir" / "x").write_text("x")
+    (lower / "gone").write_text("gone")
+    return lower, upper, mnt
+
+
+def test_mmap_shared_write_reaches_the_upper(layers):
+    lower, upper, mnt = layers
+    with unionfs_mount([lower], upper, mnt):
+        with open(mnt / "data", "r+b") as f, mmap.mmap(f.fileno(), 0) as m:
+            m[0:5] = b"HELLO"
+            m.flush()
+        assert (mnt / "data").read_bytes()[:12] == b"HELLO5678901"
+    assert (upper / "data").read_bytes()[:10] == b"HELLO56789"
+    assert (lower / "data").read_bytes()[:5] == b"01234", "the lower is never written"
+
+
+def test_oci_format_writes_wh_files_and_reads_them_back(layers):
+    lower, upper, mnt = layers
+    with unionfs_mount([lower], upper, mnt, opts=("whiteout=oci",)):
+        (mnt / "gone").unlink()
+        (mnt / "dir" / "x").unlink()
+        (mnt / "dir").rmdir()
+        (mnt / "dir").mkdir()
+        (mnt / "dir" / "new").write_text("new")
+        before = snapshot(mnt)
+    wh = upper / ".wh.gone"
+    assert wh.is_file() and wh.stat().st_size == 0
+    assert (upper / "dir" / markers.OPAQUE_NAME.decode()).is_file()
+    assert not any(
+        stat.S_ISCHR(os.lstat(os.path.join(d, n)).st_mode)
+        for d, ds, fs in os.walk(upper)
+        for n in ds + fs
+    ), "no char devices in an OCI-format upper"
+    with unionfs_mount([lower], upper, mnt):
+        after = snapshot(mnt)
+    assert before == after
+    assert set(after) == {"data", "dir", "dir/new"}
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="suid/dev need root")
+def test_nosuid_nodev_unless_asked(layers):
+    lower, upper, mnt = layers
+
+    def flags() -> set[str]:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                parts = line.split()
+                if parts[4] == str(mnt):
+                    return set(parts[5].split(","))
+        raise AssertionError("not mounted")
+
+    with unionfs_mount([lower], upper, mnt):
+        assert {"nosuid", "nodev"} <= flags()
+    with unionfs_mount([lower], upper, mnt, opts=("suid,dev",)):
+        assert not {"nosuid", "nodev"} & flags()

@@ -190,7 +190,9 @@ def test_write_script_matches_kernel_overlayfs(tmp_path_factory, rootless, reque
         remounted = snapshot(base / "u-mnt")
     assert not diff_snapshots(k_view, remounted), diff_snapshots(k_view, remounted)
 
-    # The upper unionfs wrote is a valid kernel overlay layer.
+    # The upper unionfs wrote is a valid kernel overlay layer.  Handing it over,
+    # the unionfs work dir goes (its index holds an extra link of hard-linked copies).
+    shutil.rmtree(base / ".u-up.unionfs-work")
     with kernel_overlay(
         lowers, base / "u-up", base / "k2-work", base / "k2-mnt", userxattr=rootless
     ):

@@ -238,17 +238,16 @@ class CopyUp:
         does), and every other name, when first used, becomes one more link to
         it.  So all names stay one file, also after a remount.
         """
-        key = b"%d" % node.ino
         try:
-            os.link(
-                key,
-                node.name,
-                src_dir_fd=self.index_fd,
-                dst_dir_fd=self.stack.dirfd(0, node.dirpath()),
-                follow_symlinks=False,
-            )
+            self.link_index_entry(node, self.stack.dirfd(0, node.dirpath()), node.name)
         except FileNotFoundError:
             return False
+        return True
+
+    def link_index_entry(self, node: Node, dir_fd: int, name: bytes) -> None:
+        """Link index entry ``node.ino`` as ``name`` in ``dir_fd``; count the lower name done."""
+        key = b"%d" % node.ino
+        os.link(key, name, src_dir_fd=self.index_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
         xattr = self.writer.lower_links_xattr
         path = b"/proc/self/fd/%d/%s" % (self.index_fd, key)
         try:
@@ -257,7 +256,6 @@ class CopyUp:
         except (OSError, ValueError):
             left = None  # no count kept (e.g. user xattrs on a symlink): report the real one
         node.lower_links = left
-        return True
 
     async def _copy_nondir(self, node: Node, with_data: bool) -> None:
         layer, dirpath, name = node.layer, node.dirpath(), node.name

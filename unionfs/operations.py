@@ -143,21 +143,22 @@ class UnionOperations(pyfuse3.Operations):
             raise OSError(errno.EROFS, "read-only union")
         return self.upper
 
-    async def _settle(self, node: Node, st: os.stat_result) -> os.stat_result:
+    async def _settle(self, parent: Node, name: bytes, node: Node, entry: Entry) -> os.stat_result:
         """Serve a lower hard link from its indexed upper copy, if it has one.
 
-        Another name of the same lower file was changed (perhaps before a
-        remount): linking this name to the copy keeps all names one file.
+        Another name of the same lower file was changed (in this mount or
+        before a remount): linking this name to the copy, in the upper, keeps
+        all names one file, also for a kernel mount of the upper.
         """
         if (
             self.upper is None
-            or node.layer == 0
-            or node.is_dir
-            or st.st_nlink < 2
+            or entry.layer == 0
+            or entry.is_dir
+            or entry.st.st_nlink < 2
             or not self.stack.in_index(node.ino)
         ):
-            return st
-        await self.upper.copyup.copy_up(node)
+            return entry.st if node.layer == entry.layer else self._stat(node)
+        await self.upper.link_alias(parent, name, node)
         return self._stat(node)
 
     def _resolve(self, parent: Node, name: bytes) -> Entry | None:
@@ -200,8 +201,7 @@ class UnionOperations(pyfuse3.Operations):
                 if entry is None:
                     return self._negative()
                 node = self.table.node_for(parent, name, entry)
-                st = entry.st if node.layer == entry.layer else self._stat(node)
-                st = await self._settle(node, st)
+                st = await self._settle(parent, name, node, entry)
                 attrs = self._attrs(node, st)
                 self.table.ref(node)
                 return attrs
@@ -270,8 +270,7 @@ class UnionOperations(pyfuse3.Operations):
                 if entry is None:  # gone since the listing was taken
                     continue
                 child = self.table.node_for(node, name, entry)
-                st = entry.st if child.layer == entry.layer else self._stat(child)
-                st = await self._settle(child, st)
+                st = await self._settle(node, name, child, entry)
             if not pyfuse3.readdir_reply(token, name, self._attrs(child, st), i + 3):
                 return
             self.table.ref(child)

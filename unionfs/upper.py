@@ -112,6 +112,15 @@ class Upper:
             os.unlink(markers.oci_whiteout_name(name), dir_fd=pfd)
         return fd
 
+    async def link_alias(self, parent: Node, name: bytes, node: Node) -> None:
+        """Make ``parent/name``, a lower name of an indexed file, a link to its copy."""
+        await self.copyup.ensure_dir(parent)
+        if node.layer != 0:
+            node.parent, node.name = parent, name
+            await self.copyup.copy_up(node)  # finds the index entry and links it
+            return
+        self.copyup.link_index_entry(node, self.stack.dirfd(0, parent.path()), name)
+
     # -- removing --------------------------------------------------------------
 
     async def remove(self, parent: Node, name: bytes, want_dir: bool) -> Node:

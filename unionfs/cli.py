@@ -25,7 +25,7 @@ from . import __version__
 from .copyup import CopyUp
 from .inodes import InodeTable
 from .layers import LayerStack
-from .markers import Writer, probe_whiteout
+from .markers import Writer, probe_opaque, probe_whiteout
 from .operations import UnionOperations
 from .options import ConfigError, MountConfig, build_config, check_paths
 from .upper import Upper
@@ -100,8 +100,11 @@ class Daemon:
                 assert cfg.workdir is not None
                 writer = Writer(cfg.whiteout, ns)
                 self.copyup = CopyUp(self.stack, cfg.workdir, writer)
-                if writer.fmt == "kernel" and not probe_whiteout(self.copyup.work_fd):
-                    log.warning("cannot create char-0/0 whiteouts here: writing OCI .wh. files")
+                work_fd = self.copyup.work_fd
+                if writer.fmt == "kernel" and not (
+                    probe_whiteout(work_fd) and probe_opaque(writer, work_fd)
+                ):
+                    log.warning("cannot write kernel-format markers here: writing OCI .wh. files")
                     writer.fmt = "oci"
                 upper = Upper(self.stack, table, self.copyup, writer)
             self.ops = UnionOperations(self.stack, table, cfg, upper)

@@ -56,7 +56,8 @@ class Node:
         self.parent = parent
         self.name = name
         self.nlookup = 0
-        self.children: dict[bytes, Node] = {}
+        #: Live children by name (directories only; the entry cache).
+        self.children: dict[bytes, Node] = {} if entry.dir_layers is not None else _NO_CHILDREN
         self.update(entry)
 
     def update(self, entry: Entry) -> None:
@@ -88,6 +89,11 @@ class Node:
 
     def __repr__(self) -> str:
         return f"<Node {self.ino} {b'/'.join(self.path())!r} layer={self.layer}>"
+
+
+#: Shared by every non-directory: saves a dict per file node.  Never written
+#: to, because only directories are ever parents.
+_NO_CHILDREN: dict[bytes, Node] = {}
 
 
 class InodeNumbers:

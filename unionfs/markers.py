@@ -178,6 +178,23 @@ class Writer:
             os.setxattr(b"/proc/self/fd/%d" % dir_fd, self.opaque_xattr, b"y")
 
 
+def probe_opaque(writer: Writer, dir_fd: int) -> bool:
+    """Can the opaque xattr be set in this filesystem (user xattrs may be missing)?"""
+    name = b"#opaque-probe.%d" % os.getpid()
+    os.mkdir(name, 0o700, dir_fd=dir_fd)
+    try:
+        fd = os.open(name, os.O_PATH | os.O_DIRECTORY, dir_fd=dir_fd)
+        try:
+            writer.set_opaque(fd)
+        finally:
+            os.close(fd)
+        return True
+    except OSError:
+        return False
+    finally:
+        os.rmdir(name, dir_fd=dir_fd)
+
+
 def probe_whiteout(dir_fd: int) -> bool:
     """Can this process create char-0/0 whiteouts here? (Linux >= 5.8 lets anyone.)"""
     name = b"#whiteout-probe.%d" % os.getpid()

@@ -276,6 +276,22 @@ class UnionOperations(pyfuse3.Operations):
             self.table.ref(child)
 
     @_guard
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        """Make the upper directory's entries durable (renames, creates, whiteouts)."""
+        node = self._dirs[fh].node
+        if self.upper is None or not node.dir_layers or node.dir_layers[0] != 0:
+            return
+        fd = os.open(
+            ".",
+            os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC,
+            dir_fd=self.stack.dirfd(0, node.path()),
+        )
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    @_guard
     async def releasedir(self, fh: int) -> None:
         self._dirs.pop(fh, None)
 

@@ -27,6 +27,12 @@ from .markers import Opacity
 
 Path = tuple[bytes, ...]
 
+#: A lookup in a directory present in at least this many lower layers first reads
+#: each layer's names once; from then on misses and whiteouts cost no syscall.
+NAME_INDEX_MIN_LAYERS = 4
+#: Names kept in those per-layer sets, all directories together (LRU beyond).
+NAME_INDEX_MAX_NAMES = 1_000_000
+
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _MISSING = (errno.ENOENT, errno.ENOTDIR)
 _NO_XATTR = (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP)
@@ -76,6 +82,8 @@ class LayerStack:
         self.layers: list[Layer] = []
         self._cache: OrderedDict[tuple[int, Path], int] = OrderedDict()
         self._cache_size = max(16, fd_cache_size)
+        self._names: OrderedDict[tuple[int, Path], frozenset[bytes]] = OrderedDict()
+        self._names_total = 0
         try:
             for path in ([upper] if upper is not None else []) + list(lowers):
                 fd = os.open(path, _DIR_FLAGS)
@@ -177,6 +185,35 @@ class LayerStack:
                 return None
             raise
 
+    # -- the name index of lower directories -----------------------------------
+
+    def _remember_names(self, layer: int, path: Path, names: frozenset[bytes]) -> None:
+        """Keep a lower directory's names: lower layers never change while mounted."""
+        if self.upper is not None and layer == 0:
+            return
+        key = (layer, path)
+        old = self._names.pop(key, None)
+        if old is not None:
+            self._names_total -= len(old)
+        self._names[key] = names
+        self._names_total += len(names)
+        while self._names_total > NAME_INDEX_MAX_NAMES and len(self._names) > 1:
+            _, dropped = self._names.popitem(last=False)
+            self._names_total -= len(dropped)
+
+    def _names_of(self, layer: int, path: Path, build: bool) -> frozenset[bytes] | None:
+        names = self._names.get((layer, path))
+        if names is not None:
+            self._names.move_to_end((layer, path))
+            return names
+        if not build or (self.upper is not None and layer == 0):
+            return None
+        try:
+            self.scandir(layer, path)  # remembers the names as a side effect
+        except OSError:
+            return None
+        return self._names.get((layer, path))
+
     def scandir(self, layer: int, path: Path) -> list[tuple[bytes, bool, bool]]:
         """(name, is_dir, special) for each entry of one layer's directory.
 
@@ -194,6 +231,7 @@ class LayerStack:
                     is_dir = e.is_dir(follow_symlinks=False)
                     special = not (is_dir or e.is_file(follow_symlinks=False) or e.is_symlink())
                     out.append((name, is_dir, special))
+                self._remember_names(layer, path, frozenset(n for n, _, _ in out))
                 return out
         finally:
             os.close(fd)
@@ -283,7 +321,14 @@ class LayerStack:
         found: Entry | None = None
         merged: list[int] = []
         xwh: set[int] = set()
+        lowers = len(dir_layers) - (1 if dir_layers[0] == 0 and self.upper is not None else 0)
+        build = lowers >= NAME_INDEX_MIN_LAYERS
         for layer in dir_layers:
+            names = self._names_of(layer, dirpath, build)
+            if names is not None and name not in names:
+                if markers.oci_whiteout_name(name) in names:
+                    break
+                continue
             st = self.lstat(layer, dirpath, name)
             if st is None:
                 if self.has_oci_whiteout(layer, dirpath, name):

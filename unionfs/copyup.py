@@ -28,7 +28,7 @@ import trio
 
 from . import markers
 from .inodes import Node
-from .layers import LayerStack
+from .layers import LayerStack, changes_upper
 from .markers import Writer
 from .syscalls import FICLONE, RENAME_NOREPLACE, renameat2
 
@@ -191,6 +191,7 @@ class CopyUp:
 
     # -- copy-up ---------------------------------------------------------------
 
+    @changes_upper
     async def ensure_dir(self, node: Node) -> None:
         """Make sure directory ``node`` and its ancestors exist in the upper."""
         assert node.dir_layers is not None
@@ -215,6 +216,7 @@ class CopyUp:
             node.dir_layers = (0, *node.dir_layers)
             node.layer = 0
 
+    @changes_upper
     async def copy_up(self, node: Node, with_data: bool = True) -> None:
         """Bring non-directory ``node`` into the upper (no-op if it is there)."""
         if node.is_dir:

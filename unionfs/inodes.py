@@ -44,6 +44,8 @@ class Node:
         "dir_layers",
         "ino",
         "layer",
+        "listing",
+        "listing_gen",
         "lower_links",
         "name",
         "nlookup",
@@ -56,6 +58,10 @@ class Node:
         self.parent = parent
         self.name = name
         self.nlookup = 0
+        #: The merged listing of a directory, valid while the stack's
+        #: generation equals ``listing_gen`` (no upper change since).
+        self.listing: list[tuple[bytes, int, bool]] | None = None
+        self.listing_gen = -1
         #: Live children by name (directories only; the entry cache).
         self.children: dict[bytes, Node] = {} if entry.dir_layers is not None else _NO_CHILDREN
         self.update(entry)

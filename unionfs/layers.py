@@ -16,11 +16,15 @@ are bytes end to end, so non-UTF-8 names survive untouched.
 
 from __future__ import annotations
 
+import contextlib
 import errno
+import functools
 import os
 import stat as stat_mod
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from . import markers
 from .markers import Opacity
@@ -36,6 +40,24 @@ NAME_INDEX_MAX_NAMES = 1_000_000
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _MISSING = (errno.ENOENT, errno.ENOTDIR)
 _NO_XATTR = (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP)
+
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def changes_upper(fn: F) -> F:
+    """Mark a method (of an object with a ``stack``) that changes the upper.
+
+    Bumps the stack's generation when it ends, however it ends, so merged
+    listings cached before or during the change are not served after it.
+    """
+
+    @functools.wraps(fn)
+    async def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with self.stack.changing():
+            return await fn(self, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,6 +106,9 @@ class LayerStack:
         self._cache_size = max(16, fd_cache_size)
         self._names: OrderedDict[tuple[int, Path], frozenset[bytes]] = OrderedDict()
         self._names_total = 0
+        #: Bumped after every change to the upper's namespace or copy-up; merged
+        #: listings cached on directory nodes are valid for one generation.
+        self.generation = 0
         try:
             for path in ([upper] if upper is not None else []) + list(lowers):
                 fd = os.open(path, _DIR_FLAGS)
@@ -133,6 +158,14 @@ class LayerStack:
             _, old = self._cache.popitem(last=False)
             os.close(old)
         return fd
+
+    @contextlib.contextmanager
+    def changing(self) -> Iterator[None]:
+        """Wrap a change to the upper: cached merged listings are stale after it."""
+        try:
+            yield
+        finally:
+            self.generation += 1
 
     def cached_fds(self) -> int:
         return len(self._cache)

@@ -241,7 +241,12 @@ class UnionOperations(pyfuse3.Operations):
         node = handle.node
         assert node.dir_layers is not None
         if handle.names is None:
-            handle.names = self.stack.merged_names(node.path(), node.dir_layers, node.xwh_layers)
+            if node.listing is None or node.listing_gen != self.stack.generation:
+                node.listing = self.stack.merged_names(
+                    node.path(), node.dir_layers, node.xwh_layers
+                )
+                node.listing_gen = self.stack.generation
+            handle.names = node.listing
         names = handle.names
         pos = start_id
         if pos == 0:

@@ -24,7 +24,7 @@ from collections.abc import Callable
 from . import markers
 from .copyup import CopyUp
 from .inodes import InodeTable, Node
-from .layers import LayerStack
+from .layers import LayerStack, changes_upper
 from .markers import Writer
 from .syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, RENAME_WHITEOUT, renameat2
 
@@ -68,6 +68,7 @@ class Upper:
 
     # -- creating --------------------------------------------------------------
 
+    @changes_upper
     async def create(self, parent: Node, name: bytes, make: Maker, is_dir: bool) -> int | None:
         """Make a new object at ``parent/name`` in the upper (the name is free).
 
@@ -112,6 +113,7 @@ class Upper:
             os.unlink(markers.oci_whiteout_name(name), dir_fd=pfd)
         return fd
 
+    @changes_upper
     async def link_alias(self, parent: Node, name: bytes, node: Node) -> None:
         """Make ``parent/name``, a lower name of an indexed file, a link to its copy."""
         await self.copyup.ensure_dir(parent)
@@ -123,6 +125,7 @@ class Upper:
 
     # -- removing --------------------------------------------------------------
 
+    @changes_upper
     async def remove(self, parent: Node, name: bytes, want_dir: bool) -> Node:
         """unlink/rmdir ``parent/name``, leaving a whiteout where lowers have it."""
         node = self.resolve(parent, name)
@@ -207,6 +210,7 @@ class Upper:
         else:
             await self.copyup.copy_up(node)
 
+    @changes_upper
     async def rename(
         self, old_parent: Node, old: bytes, new_parent: Node, new: bytes, flags: int
     ) -> None:

@@ -562,10 +562,8 @@ class UnionOperations(pyfuse3.Operations):
         layer, dirpath, fname = self._xattr_target(node)
         return markers.visible_xattrs(self.stack.listxattr(layer, dirpath, fname))
 
-    @_guard
-    async def setxattr(
-        self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
-    ) -> None:
+    async def _change_xattr(self, inode: int, name: bytes, change: Callable[[bytes], None]) -> None:
+        """Copy the object up, then apply ``change`` to its /proc path."""
         if markers.is_private_xattr(name):
             raise OSError(errno.EOPNOTSUPP, "union-private xattr")
         upper = self._writable()
@@ -573,22 +571,19 @@ class UnionOperations(pyfuse3.Operations):
         await upper.copyup.copy_up(node)
         ofd = self._object_fd(node)
         try:
-            os.setxattr(b"/proc/self/fd/%d" % ofd, name, value)
+            change(b"/proc/self/fd/%d" % ofd)
         finally:
             os.close(ofd)
 
     @_guard
+    async def setxattr(
+        self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
+    ) -> None:
+        await self._change_xattr(inode, name, lambda path: os.setxattr(path, name, value))
+
+    @_guard
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        if markers.is_private_xattr(name):
-            raise OSError(errno.EOPNOTSUPP, "union-private xattr")
-        upper = self._writable()
-        node = self.table[inode]
-        await upper.copyup.copy_up(node)
-        ofd = self._object_fd(node)
-        try:
-            os.removexattr(b"/proc/self/fd/%d" % ofd, name)
-        finally:
-            os.close(ofd)
+        await self._change_xattr(inode, name, lambda path: os.removexattr(path, name))
 
     @_guard
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:

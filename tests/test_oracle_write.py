@@ -156,28 +156,34 @@ def script(root: Path, rootful: bool) -> list[tuple[str, object]]:
 
 @pytest.mark.parametrize("rootless", [False, True], ids=["root", "rootless"])
 def test_write_script_matches_kernel_overlayfs(tmp_path_factory, rootless, request):
-    user = None
-    if rootless:
-        user = request.getfixturevalue("unpriv_user")
+    """The rootless run is the same script run by an unprivileged user on both sides.
+
+    Its lowers belong to that user: who owns a copy of a root-owned file is
+    where rootless unionfs (the mounter) and a root kernel mount (root)
+    legitimately differ, as the docs say.
+    """
+    user = request.getfixturevalue("unpriv_user") if rootless else None
     base: Path = request.getfixturevalue("world_tmp") if rootless else tmp_path_factory.mktemp("w")
     lowers = build_lowers(base / "lowers")
-    for d in ("k-up", "k-work", "k-mnt", "u-up", "u-mnt", "k2-up", "k2-work", "k2-mnt"):
+    for d in ("k-up", "k-work", "k-mnt", "u-up", "u-mnt", "k2-work", "k2-mnt"):
         (base / d).mkdir()
-    if rootless:
-        for d in ("u-up", "u-mnt"):
-            os.chown(base / d, user.uid, user.gid)
+    if user is not None:
         os.chown(base, user.uid, user.gid)
+        for d in ("lowers", "k-up", "u-up", "u-mnt"):
+            for dirpath, dirnames, filenames in os.walk(base / d):
+                for n in [dirpath, *(os.path.join(dirpath, x) for x in dirnames + filenames)]:
+                    os.chown(n, user.uid, user.gid, follow_symlinks=False)
+
+    def as_user(fn, *args):
+        return run_as(user, fn, *args) if user is not None else fn(*args)
 
     with kernel_overlay(lowers, base / "k-up", base / "k-work", base / "k-mnt", userxattr=rootless):
-        k_log = script(base / "k-mnt", rootful=not rootless)
+        k_log = as_user(script, base / "k-mnt", not rootless)
         k_view = snapshot(base / "k-mnt")
 
     with unionfs_mount(lowers, base / "u-up", base / "u-mnt", user=user):
-        if rootless:
-            u_log = run_as(user, script, base / "u-mnt", False)
-        else:
-            u_log = script(base / "u-mnt", rootful=True)
-        u_view = snapshot(base / "u-mnt")
+        u_log = as_user(script, base / "u-mnt", not rootless)
+        u_view = as_user(snapshot, base / "u-mnt")
 
     for (label, k), (_, u) in zip(k_log, u_log, strict=True):
         if label.startswith("mv "):
@@ -187,7 +193,7 @@ def test_write_script_matches_kernel_overlayfs(tmp_path_factory, rootless, reque
 
     # unionfs itself sees the same after a remount (nothing lived only in memory).
     with unionfs_mount(lowers, base / "u-up", base / "u-mnt", user=user):
-        remounted = snapshot(base / "u-mnt")
+        remounted = as_user(snapshot, base / "u-mnt")
     assert not diff_snapshots(k_view, remounted), diff_snapshots(k_view, remounted)
 
     # The upper unionfs wrote is a valid kernel overlay layer.  Handing it over,
@@ -206,6 +212,8 @@ def test_write_script_matches_kernel_overlayfs(tmp_path_factory, rootless, reque
     sparse = os.stat(base / "u-up" / "sparse")
     assert sparse.st_size == (64 << 20) + 4
     assert sparse.st_blocks * 512 < (4 << 20), "copy-up must keep holes"
+    if rootless:
+        assert os.getxattr(base / "u-up" / "gone", "user.overlay.opaque") == b"y"
 
 
 def run_as(user, fn, *args):

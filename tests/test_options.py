@@ -55,6 +55,7 @@ def test_forms():
         (["l", "u", "m"], ["timeout=nan"], ">= 0"),
         (["l", "u", "m"], ["whiteout=aufs"], "whiteout="),
         (["l", "u", "m"], ["fsname="], "fsname"),
+        (["l", "u", "m"], ["read_ahead_kb=lots"], "whole number"),
         (["m"], ["upperdir=u"], "needs -o lowerdir"),
         (["a", "m"], ["lowerdir=l"], "only the mount point"),
         (["a", "b", "c", "d"], [], "usage"),

@@ -63,6 +63,7 @@ class MountConfig:
     negative_timeout: float = 300.0
     whiteout: str = "kernel"
     fsname: str = "unionfs"
+    read_ahead_kb: int | None = 1024
     kernel_flags: list[str] = field(default_factory=list)
 
     def fuse_options(self, is_root: bool) -> set[str]:
@@ -186,6 +187,10 @@ def build_config(
                     f"option whiteout= takes {' or '.join(WHITEOUT_FORMATS)}, not {value!r}", 2
                 )
             cfg.whiteout = value
+        elif key == "read_ahead_kb":
+            if not value.isdigit():
+                raise ConfigError(f"option read_ahead_kb= needs a whole number, not {value!r}", 2)
+            cfg.read_ahead_kb = int(value)
         elif key == "fsname":
             if not value:
                 raise ConfigError("option fsname= needs a value", 2)

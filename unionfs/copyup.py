@@ -215,6 +215,7 @@ class CopyUp:
                 raise
             node.dir_layers = (0, *node.dir_layers)
             node.layer = 0
+            node.xattrs = None  # what could be copied may differ (rootless)
 
     @changes_upper
     async def copy_up(self, node: Node, with_data: bool = True) -> None:
@@ -231,6 +232,7 @@ class CopyUp:
                 return
             await self._copy_nondir(node, with_data)
             node.layer = 0
+            node.xattrs = None  # what could be copied may differ (rootless)
 
     def link_indexed(self, node: Node) -> bool:
         """Link the indexed copy of a hard-linked lower file in at ``node``'s name.

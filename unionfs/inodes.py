@@ -50,6 +50,7 @@ class Node:
         "name",
         "nlookup",
         "parent",
+        "xattrs",
         "xwh_layers",
     )
 
@@ -74,6 +75,9 @@ class Node:
         #: are not linked to the copy yet (None for everything else).  The
         #: copy's own link count includes the index link, and misses those.
         self.lower_links = entry.lower_links
+        #: Names of the object's visible xattrs, read once (None: not read yet);
+        #: dropped whenever the union changes them (setxattr, copy-up).
+        self.xattrs: frozenset[bytes] | None = None
 
     @property
     def is_dir(self) -> bool:

@@ -547,20 +547,33 @@ class UnionOperations(pyfuse3.Operations):
             return node.layer, node.path(), None
         return node.layer, node.dirpath(), node.name
 
+    def _xattr_names(self, node: Node) -> frozenset[bytes]:
+        """The visible xattr names of a node, listed once.
+
+        ``ls -l`` asks every file for its ACL and security xattrs, and the
+        kernel asks for ``security.capability`` before writes: most objects
+        have none, and this answers those from memory.
+        """
+        if node.xattrs is None:
+            layer, dirpath, fname = self._xattr_target(node)
+            names = self.stack.listxattr(layer, dirpath, fname)
+            node.xattrs = frozenset(markers.visible_xattrs(names))
+        return node.xattrs
+
     @_guard
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         if markers.is_private_xattr(name):
             raise OSError(errno.EOPNOTSUPP, "union-private xattr")
         node = self.table[inode]
+        if name not in self._xattr_names(node):
+            raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         layer, dirpath, fname = self._xattr_target(node)
         path = self.stack.xattr_path(layer, dirpath, fname)
         return os.getxattr(path, name, follow_symlinks=fname is None)
 
     @_guard
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        node = self.table[inode]
-        layer, dirpath, fname = self._xattr_target(node)
-        return markers.visible_xattrs(self.stack.listxattr(layer, dirpath, fname))
+        return list(self._xattr_names(self.table[inode]))
 
     async def _change_xattr(self, inode: int, name: bytes, change: Callable[[bytes], None]) -> None:
         """Copy the object up, then apply ``change`` to its /proc path."""
@@ -573,6 +586,7 @@ class UnionOperations(pyfuse3.Operations):
         try:
             change(b"/proc/self/fd/%d" % ofd)
         finally:
+            node.xattrs = None
             os.close(ofd)
 
     @_guard

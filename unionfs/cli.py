@@ -56,6 +56,28 @@ def parse_args(argv: list[str]) -> MountConfig:
     return build_config(args.paths, args.options, args.foreground or args.debug, args.debug)
 
 
+def enable_kernel_dircache() -> bool:
+    """Let the kernel cache directory listings (see unionfs/_dircache.c).
+
+    The helper was loaded by the package before pyfuse3; this switches it
+    on.  Returns False when it was not built: the mount works without it.
+    """
+    try:
+        from . import _dircache  # type: ignore[attr-defined]
+    except ImportError:
+        return False
+    _dircache.enable()
+    return True
+
+
+def _dircache_active() -> bool:
+    try:
+        from . import _dircache  # type: ignore[attr-defined]
+    except ImportError:
+        return False
+    return bool(_dircache.active())
+
+
 def _raise_fd_limit() -> None:
     """Use the hard limit: the daemon holds a descriptor per open file and cached dir."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -109,6 +131,8 @@ class Daemon:
                 upper = Upper(self.stack, table, self.copyup, writer)
             self.ops = UnionOperations(self.stack, table, cfg, upper)
             pyfuse3.init(self.ops, cfg.mountpoint, cfg.fuse_options(is_root))
+            if cfg.dircache and not _dircache_active():
+                log.warning("the kernel will not cache directory listings (_dircache inactive)")
         except BaseException:
             self._close_branches()
             raise
@@ -213,6 +237,8 @@ def main(argv: list[str] | None = None) -> int:
         return e.code
 
     _raise_fd_limit()
+    if cfg.dircache:
+        enable_kernel_dircache()
     ready_fd = None if cfg.foreground else _daemonize()
     _setup_logging(cfg, daemon=ready_fd is not None)
     daemon = Daemon(cfg)

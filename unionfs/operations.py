@@ -534,7 +534,7 @@ class UnionOperations(pyfuse3.Operations):
                 cur = os.fstat(ofd)
                 atime = attr.st_atime_ns if fields.update_atime else cur.st_atime_ns
                 mtime = attr.st_mtime_ns if fields.update_mtime else cur.st_mtime_ns
-                os.utime(path, ns=(atime, mtime), follow_symlinks=False)
+                os.utime(path, ns=(atime, mtime))  # the magic link is the object itself
             st = os.fstat(ofd)
         finally:
             os.close(ofd)

@@ -64,6 +64,7 @@ class MountConfig:
     whiteout: str = "kernel"
     fsname: str = "unionfs"
     read_ahead_kb: int | None = 1024
+    dircache: bool = True
     kernel_flags: list[str] = field(default_factory=list)
 
     def fuse_options(self, is_root: bool) -> set[str]:
@@ -163,6 +164,8 @@ def build_config(
             cfg.allow_other = True
         elif flag == "noallow_other":
             cfg.allow_other = False
+        elif flag == "nodircache":
+            cfg.dircache = False
         elif flag in ("debug",):
             cfg.debug = True
         elif flag == "default_permissions":

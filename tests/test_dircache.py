@@ -1,0 +1,77 @@
+"""The kernel's directory-listing cache: used, and exact after every change."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+
+import pytest
+
+from unionfs.cli import enable_kernel_dircache
+
+from support import is_mounted, unionfs_command, unionfs_mount
+
+pytestmark = pytest.mark.skipif(not enable_kernel_dircache(), reason="_dircache not built")
+
+
+def _count_readdirs(tmp_path, opts: list[str]) -> int:
+    lower, upper, mnt = tmp_path / "lower", tmp_path / "upper", tmp_path / "mnt"
+    for d in (lower, upper, mnt):
+        d.mkdir(parents=True)
+    for i in range(20):
+        (lower / f"d{i}").mkdir(exist_ok=True)
+        (lower / f"d{i}" / "f").write_text("f")
+    log = tmp_path / "trace.log"
+    with open(log, "w") as err:
+        proc = subprocess.Popen(
+            [*unionfs_command(), "-d", *opts, str(lower), str(upper), str(mnt)], stderr=err
+        )
+    try:
+        deadline = time.monotonic() + 20
+        while not is_mounted(mnt):
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.02)
+        for _ in range(3):
+            for i in range(20):
+                os.listdir(mnt / f"d{i}")
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
+        proc.wait(timeout=15)
+    return log.read_text().count("opcode: READDIRPLUS")
+
+
+def test_repeated_listings_are_served_by_the_kernel(tmp_path):
+    cached = _count_readdirs(tmp_path / "a", [])
+    uncached = _count_readdirs(tmp_path / "b", ["-o", "nodircache"])
+    assert uncached >= 3 * 20, "without the cache every listing asks the daemon"
+    assert cached <= uncached / 2, (cached, uncached)
+
+
+def test_listing_follows_every_change(tmp_path):
+    lower, upper, mnt = tmp_path / "lower", tmp_path / "upper", tmp_path / "mnt"
+    for d in (lower, upper, mnt):
+        d.mkdir()
+    (lower / "d").mkdir()
+    (lower / "d" / "a").write_text("a")
+    (lower / "d" / "sub").mkdir()
+    (lower / "d" / "sub" / "x").write_text("x")
+    with unionfs_mount([lower], upper, mnt):
+        d = mnt / "d"
+        assert sorted(os.listdir(d)) == ["a", "sub"]
+        (d / "b").write_text("b")
+        assert sorted(os.listdir(d)) == ["a", "b", "sub"]
+        (d / "a").unlink()
+        assert sorted(os.listdir(d)) == ["b", "sub"]
+        os.rename(d / "b", d / "c")
+        assert sorted(os.listdir(d)) == ["c", "sub"]
+        os.rename(d / "sub", mnt / "moved")
+        assert sorted(os.listdir(d)) == ["c"]
+        assert os.listdir(mnt / "moved") == ["x"]
+        os.mkdir(d / "sub")
+        assert os.listdir(d / "sub") == [], "a re-created directory is empty"
+        os.link(d / "c", d / "c2")
+        os.symlink("c", d / "s")
+        assert sorted(os.listdir(d)) == ["c", "c2", "s", "sub"]
+        os.rmdir(d / "sub")
+        assert sorted(os.listdir(d)) == ["c", "c2", "s"]

@@ -426,17 +426,17 @@ class LayerStack:
         return [(name, layer, is_dir) for name, (layer, is_dir) in seen.items()]
 
     def root_entry(self) -> Entry:
-        """The merged root: every layer's root, cut at the first opaque one."""
-        merged: list[int] = []
-        xwh: set[int] = set()
-        for layer in self.layers:
-            merged.append(layer.index)
-            if layer.index == len(self.layers) - 1:
-                break
-            opacity = self.dir_opacity(layer.index, ())
-            if opacity is Opacity.OPAQUE:
-                break
-            if opacity is Opacity.HAS_XATTR_WHITEOUTS:
-                xwh.add(layer.index)
+        """The merged root: every layer's root merges.
+
+        As in kernel overlayfs, an opaque marker on a layer's root is ignored
+        (an OCI layer tar may carry ``./.wh..wh..opq``); ``opaque=x`` still
+        announces xattr whiteouts there.
+        """
+        xwh = {
+            layer.index
+            for layer in self.layers
+            if self.dir_opacity(layer.index, ()) is Opacity.HAS_XATTR_WHITEOUTS
+        }
         st = os.fstat(self.layers[0].fd)
-        return Entry(0, st, tuple(merged), frozenset(xwh), 0, st)
+        merged = tuple(layer.index for layer in self.layers)
+        return Entry(0, st, merged, frozenset(xwh), 0, st)

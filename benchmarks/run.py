@@ -1,545 +1,449 @@
-"""Benchmark unionfs side by side with native, kernel overlayfs and the FUSE peers.
+"""Benchmark unionfs side by side with native, kernel overlayfs, fuse-overlayfs and unionfs-fuse.
 
-One command mounts every target over the same generated layers and runs each
-workload round by round, targets interleaved (A B C A B C ...), so that the
-ratios of one run are comparable on a shared, noisy machine.  It reports
-medians and, per round, the ratio of each target to native and to
-fuse-overlayfs.  ``--quick`` is a smoke run for CI: tiny tree, one round, no
-timing is checked.
+Every target is mounted over the same generated layers and every workload is
+run round by round with the targets interleaved (A B C, B C A, ...), so that
+ratios measured in one run are comparable on a shared, noisy machine.  The
+report gives median seconds and the median of per-round ratios to native and to
+fuse-overlayfs; results go to benchmarks/results/<date>-<host>/.
 
-    python benchmarks/run.py                # full run, all targets installed
-    python benchmarks/run.py --quick        # smoke run
+    python benchmarks/run.py               # full run, every installed target
+    python benchmarks/run.py --quick       # smoke run (tiny tree, one round)
+
+See benchmarks/README.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
+import fcntl
 import os
-import platform
-import random
+import shlex
 import shutil
 import signal
-import statistics
-import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-ROOT = os.geteuid() == 0
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench import layers, report, targets
+from bench.report import Failure, Measurement
+from bench.targets import Mount, MountError, Target
+from bench.workloads import WORKLOADS, Counts, Ctx, Job, Note, Workload
+
 HERE = Path(__file__).resolve().parent
-UNIONFS = shutil.which("unionfs-mount") or str(Path(sys.executable).parent / "unionfs-mount")
-
-
-@dataclass(frozen=True)
-class Scale:
-    dirs: int
-    files_per_dir: int
-    big_mib: int
-    create: int
-    layers: int
-
-
-FULL = Scale(dirs=2000, files_per_dir=10, big_mib=1024, create=5000, layers=3)
-QUICK = Scale(dirs=40, files_per_dir=5, big_mib=8, create=100, layers=3)
-
-
-# -- layers -----------------------------------------------------------------------
-
-
-def generate(base: Path, scale: Scale) -> list[Path]:
-    """Deterministic layers: small files spread over the stack, a git repository,
-    a big file, a whiteout and an opaque directory.  Cached between runs."""
-    lowers = [base / f"layer{i}" for i in range(scale.layers)]
-    if (base / "ready").exists():
-        return lowers
-    shutil.rmtree(base, ignore_errors=True)
-    rng = random.Random(42)
-    bottom = lowers[-1]
-    for layer in lowers:
-        layer.mkdir(parents=True)
-    for d in range(scale.dirs):
-        rel = Path(f"src/pkg{d % 50:02d}/mod{d:04d}")
-        for f in range(scale.files_per_dir):
-            layer = lowers[rng.randrange(scale.layers)]
-            (layer / rel).mkdir(parents=True, exist_ok=True)
-            (layer / rel / f"file{f}.c").write_bytes(rng.randbytes(rng.randint(200, 4000)))
-    repo = bottom / "repo"
-    repo.mkdir()
-    for i in range(max(50, scale.dirs // 4)):
-        (repo / f"f{i}.txt").write_text(f"line {i}\n" * 20)
-    git = ["git", "-c", "user.email=b@e", "-c", "user.name=bench", "-C", str(repo)]
-    subprocess.run([*git, "init", "-q"], check=True)
-    subprocess.run([*git, "add", "."], check=True)
-    subprocess.run([*git, "commit", "-qm", "init"], check=True)
-    with open(bottom / "big.bin", "wb") as f:
-        chunk = rng.randbytes(1 << 20)
-        for _ in range(scale.big_mib):
-            f.write(chunk)
-    (bottom / "old").mkdir()
-    (bottom / "old" / "gone.txt").write_text("deleted above\n")
-    (bottom / "opaque").mkdir()
-    (bottom / "opaque" / "hidden.txt").write_text("hidden\n")
-    if scale.layers > 1 and ROOT:
-        os.mknod(lowers[0] / "old", 0o20000, 0)  # whiteout of the old/ dir
-        (lowers[0] / "opaque").mkdir()
-        os.setxattr(lowers[0] / "opaque", "trusted.overlay.opaque", b"y")
-    (base / "ready").touch()
-    return lowers
-
-
-def deep_layers(base: Path, n: int, scale: Scale) -> list[Path]:
-    """A deep stack: ``n`` layers, each adding a few files to the same directories."""
-    lowers = [base / f"d{i:03d}" for i in range(n)]
-    if (base / "ready").exists():
-        return lowers
-    shutil.rmtree(base, ignore_errors=True)
-    per = max(1, scale.dirs * scale.files_per_dir // n)
-    for i, layer in enumerate(lowers):
-        for j in range(per):
-            d = layer / f"usr/lib/part{j % 20:02d}"
-            d.mkdir(parents=True, exist_ok=True)
-            (d / f"l{i}_{j}.so").write_bytes(b"x" * 512)
-    (base / "ready").touch()
-    return lowers
-
-
-# -- targets ----------------------------------------------------------------------
+DEFAULT_TARGETS = "native,kernel,fuse-overlayfs,unionfs-fuse,unionfs"
+QUICK_SCALE = 0.02
 
 
 @dataclass
-class Target:
-    name: str
-    available: Callable[[], bool]
-    mount: Callable[[list[Path], Path, Path, Path], None]
-    unmount: Callable[[Path], None]
+class Run:
+    """State of one benchmark run."""
+
+    args: argparse.Namespace
+    tree: layers.Tree
+    counts: Counts
+    scratch: Path
+    drop: bool  # drop_caches works here
+    measurements: list[Measurement] = field(default_factory=list)
+    failures: list[Failure] = field(default_factory=list)
+    broken: set[str] = field(default_factory=set)  # targets that failed to mount
+    phase: str = "cold"  # being measured (for failure reports)
 
 
-def _fusermount_u(mnt: Path) -> None:
-    if subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True).returncode:
-        subprocess.run(["fusermount3", "-uz", str(mnt)], capture_output=True)
+# -- options --------------------------------------------------------------------------------
 
 
-def _umount(mnt: Path) -> None:
-    if subprocess.run(["umount", str(mnt)], capture_output=True).returncode:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
-
-
-def _mount_native(lowers, upper, work, mnt):  # a plain copy of the merged tree
-    subprocess.run(["cp", "-a", f"{NATIVE_SRC}/.", str(mnt)], check=True)
-
-
-def _mount_kernel(lowers, upper, work, mnt):
-    opts = f"lowerdir={':'.join(map(str, lowers))},upperdir={upper},workdir={work}"
-    subprocess.run(["mount", "-t", "overlay", "overlay", "-o", opts, str(mnt)], check=True)
-
-
-def _mount_fo(lowers, upper, work, mnt):
-    opts = f"lowerdir={':'.join(map(str, lowers))},upperdir={upper},workdir={work}"
-    subprocess.run(["fuse-overlayfs", "-o", opts, str(mnt)], check=True, stderr=subprocess.DEVNULL)
-
-
-def _mount_uf(lowers, upper, work, mnt):
-    branches = ":".join([f"{upper}=RW", *(f"{p}=RO" for p in lowers)])
-    subprocess.run(["unionfs", "-o", "cow", branches, str(mnt)], check=True)
-
-
-def _mount_unionfs(lowers, upper, work, mnt):
-    subprocess.run(
-        [UNIONFS, "-o", f"workdir={work}", ":".join(map(str, lowers)), str(upper), str(mnt)],
-        check=True,
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Compare unionfs with native, kernel overlayfs and the FUSE peers.",
+        epilog="Peers: apt-get install fuse-overlayfs unionfs-fuse.  See benchmarks/README.md.",
     )
-
-
-NATIVE_SRC = ""
-TARGETS = {
-    "native": Target(
-        "native", lambda: True, _mount_native, lambda m: shutil.rmtree(m, ignore_errors=True)
-    ),
-    "kernel": Target("kernel", lambda: ROOT, _mount_kernel, _umount),
-    "fuse-overlayfs": Target(
-        "fuse-overlayfs",
-        lambda: shutil.which("fuse-overlayfs") is not None,
-        _mount_fo,
-        _fusermount_u,
-    ),
-    "unionfs-fuse": Target(
-        "unionfs-fuse", lambda: shutil.which("unionfs") is not None, _mount_uf, _fusermount_u
-    ),
-    "unionfs": Target("unionfs", lambda: os.path.exists(UNIONFS), _mount_unionfs, _fusermount_u),
-}
-
-
-@contextlib.contextmanager
-def mounted(
-    target: Target, lowers: list[Path], scratch: Path, mutating: bool = True
-) -> Iterator[Path]:
-    """A fresh mount (and upper) of ``target``; always undone.
-
-    Native read-only runs use the merged copy in place; mutating ones get a copy.
-    """
-    if target.name == "native" and not mutating:
-        yield Path(NATIVE_SRC)
-        return
-    root = scratch / target.name
-    shutil.rmtree(root, ignore_errors=True)
-    upper, work, mnt = root / "upper", root / "work", root / "mnt"
-    for d in (upper, work, mnt):
-        d.mkdir(parents=True)
-    target.mount(lowers, upper, work, mnt)
-    try:
-        yield mnt
-    finally:
-        target.unmount(mnt)
-        shutil.rmtree(root, ignore_errors=True)
-
-
-def drop_caches() -> None:
-    if ROOT:
-        subprocess.run(["sync"], check=True)
-        Path("/proc/sys/vm/drop_caches").write_text("3")
-
-
-# -- workloads --------------------------------------------------------------------
-
-
-def _files(mnt: Path, under: str = "src") -> list[str]:
-    out = []
-    for dirpath, _, filenames in os.walk(mnt / under):
-        out += [os.path.join(dirpath, f) for f in filenames]
-    return sorted(out)
-
-
-def stat_walk(mnt: Path, scale: Scale) -> None:
-    for dirpath, dirnames, filenames in os.walk(mnt):
-        for n in dirnames + filenames:
-            os.lstat(os.path.join(dirpath, n))
-
-
-def ls_lr(mnt: Path, scale: Scale) -> None:
-    subprocess.run(["ls", "-lR", str(mnt)], stdout=subprocess.DEVNULL, check=True)
-
-
-def read_small(mnt: Path, scale: Scale) -> None:
-    for p in _files(mnt):
-        with open(p, "rb") as f:
-            f.read()
-
-
-def big_read(mnt: Path, scale: Scale) -> None:
-    subprocess.run(
-        ["dd", f"if={mnt}/big.bin", "of=/dev/null", "bs=1M"], check=True, capture_output=True
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help=f"smoke run: --scale {QUICK_SCALE}, 1 round; checks no timing",
     )
-
-
-def big_write(mnt: Path, scale: Scale) -> None:
-    subprocess.run(
-        [
-            "dd",
-            "if=/dev/zero",
-            f"of={mnt}/written.bin",
-            "bs=1M",
-            f"count={scale.big_mib}",
-            "conv=fsync",
-        ],
-        check=True,
-        capture_output=True,
+    p.add_argument("--targets", default=DEFAULT_TARGETS, help=f"default: {DEFAULT_TARGETS}")
+    p.add_argument(
+        "--workloads", default="", help="comma-separated subset (default: all; see --list)"
     )
-
-
-def create_files(mnt: Path, scale: Scale) -> None:
-    d = mnt / "created"
-    d.mkdir()
-    for i in range(scale.create):
-        with open(d / f"f{i}", "wb") as f:
-            f.write(b"x" * 100)
-
-
-def delete_files(mnt: Path, scale: Scale) -> None:
-    for p in _files(mnt)[: scale.create]:
-        os.unlink(p)
-
-
-def copy_up_small(mnt: Path, scale: Scale) -> None:
-    for p in _files(mnt)[: scale.create // 2]:
-        with open(p, "ab") as f:
-            f.write(b"+")
-
-
-def copy_up_big(mnt: Path, scale: Scale) -> None:
-    with open(mnt / "big.bin", "ab") as f:
-        f.write(b"tail")
-        f.flush()
-        os.fsync(f.fileno())
-
-
-def rename_dir(mnt: Path, scale: Scale) -> None:
-    subprocess.run(["mv", str(mnt / "src" / "pkg07"), str(mnt / "src" / "pkg07.moved")], check=True)
-
-
-def tar_tree(mnt: Path, scale: Scale) -> None:
-    subprocess.run(
-        f"tar -C {mnt}/src -cf - . | wc -c", shell=True, check=True, stdout=subprocess.DEVNULL
+    p.add_argument("--rounds", type=int, help="rounds (default 3, --quick 1)")
+    p.add_argument(
+        "--scale",
+        type=float,
+        help="size factor: 1 = 20k files, 1 GiB big file, 5k creates (default 1)",
     )
-
-
-def git_status(mnt: Path, scale: Scale) -> None:
-    subprocess.run(
-        ["git", "-c", "safe.directory=*", "-C", str(mnt / "repo"), "status", "--porcelain"],
-        check=True,
-        capture_output=True,
+    p.add_argument("--layers", type=int, default=3, help="lower layers (1-500; default 3)")
+    p.add_argument("--seed", type=int, default=1, help="seed of the generated tree")
+    p.add_argument(
+        "--workdir",
+        type=Path,
+        default=Path("/var/tmp/unionfs-bench"),
+        help="layer cache and scratch space (default /var/tmp/unionfs-bench)",
     )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=HERE / "results",
+        help="results parent dir (default benchmarks/results)",
+    )
+    p.add_argument("--plot-to", type=Path, help="also write the PNG plot here")
+    p.add_argument("--unionfs", metavar="CMD", help="unionfs-mount command (default: on PATH)")
+    p.add_argument(
+        "--unionfs-opts", default="", metavar="OPTS", help="extra -o options for unionfs-mount"
+    )
+    p.add_argument(
+        "--timeout",
+        type=float,
+        help="seconds per timed run before the FUSE daemon is killed (default 900)",
+    )
+    p.add_argument(
+        "--no-drop-caches", action="store_true", help="do not drop the page cache for cold runs"
+    )
+    p.add_argument("--regenerate", action="store_true", help="rebuild the cached layers")
+    p.add_argument("--list", action="store_true", help="list targets and workloads, then exit")
+    p.add_argument(
+        "--replot",
+        type=Path,
+        metavar="RESULTS_DIR",
+        help="only re-render results.md and the plot from RESULTS_DIR/results.json",
+    )
+    args = p.parse_args(argv)
+    if args.scale is None:
+        args.scale = QUICK_SCALE if args.quick else 1.0
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else 3
+    if args.timeout is None:
+        args.timeout = 120.0 if args.quick else 900.0
+    if not 1 <= args.layers <= 500:
+        p.error("--layers must be between 1 and 500 (overlayfs' limit)")
+    if args.rounds < 1 or args.scale <= 0:
+        p.error("--rounds and --scale must be positive")
+    args.workdir = args.workdir.resolve()
+    return args
 
 
-def build(mnt: Path, scale: Scale) -> None:
-    """Compiler-like: read every source of some packages, write an object for each,
-    then rename the objects into place and delete the temporaries' directory."""
-    out = mnt / "build"
-    out.mkdir()
-    for i, p in enumerate(_files(mnt, "src/pkg0" + str(0))[: scale.create // 4] or _files(mnt)):
-        with open(p, "rb") as f:
-            data = f.read()
-        tmp = out / f"o{i}.tmp"
-        tmp.write_bytes(data[:64] * 4)
-        os.rename(tmp, out / f"o{i}.o")
-    shutil.rmtree(out)
+def select_targets(args: argparse.Namespace) -> tuple[list[Target], dict[str, str]]:
+    """The requested targets that can run here, and why the others cannot."""
+    known = targets.all_targets(args.unionfs, args.unionfs_opts)
+    wanted = [n.strip() for n in args.targets.split(",") if n.strip()]
+    unknown = [n for n in wanted if n not in known]
+    if unknown:
+        raise SystemExit(f"unknown target(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    chosen, skipped = [], {}
+    for name in wanted:
+        reason = known[name].unavailable()
+        if reason:
+            skipped[name] = reason
+            print(f"skipping {name}: {reason}", file=sys.stderr)
+        else:
+            chosen.append(known[name])
+    return chosen, skipped
 
 
-@dataclass(frozen=True)
-class Workload:
-    name: str
-    run: Callable[[Path, Scale], None]
-    warm: bool  # repeat on the same mount (read-only workloads)
+def select_workloads(args: argparse.Namespace) -> list[Workload]:
+    if not args.workloads:
+        return WORKLOADS
+    by_name = {w.name: w for w in WORKLOADS}
+    wanted = [n.strip() for n in args.workloads.split(",") if n.strip()]
+    unknown = [n for n in wanted if n not in by_name]
+    if unknown:
+        raise SystemExit(f"unknown workload(s) {', '.join(unknown)}; see --list")
+    return [by_name[n] for n in wanted]
 
 
-WORKLOADS = [
-    Workload("stat-walk", stat_walk, True),
-    Workload("ls-lR", ls_lr, True),
-    Workload("read-small", read_small, True),
-    Workload("big-read", big_read, True),
-    Workload("tar", tar_tree, True),
-    Workload("git-status", git_status, True),
-    Workload("big-write-fsync", big_write, False),
-    Workload("create", create_files, False),
-    Workload("delete", delete_files, False),
-    Workload("copy-up-small", copy_up_small, False),
-    Workload("copy-up-big", copy_up_big, False),
-    Workload("rename-lower-dir", rename_dir, False),
-    Workload("build", build, False),
-]
+def print_list() -> None:
+    print("targets:", DEFAULT_TARGETS)
+    print("workloads:")
+    for w in WORKLOADS:
+        kind = "mutating" if w.mutates else "read-only"
+        print(f"  {w.name:18} {kind:9}  {w.summary}")
 
 
-# -- running and reporting --------------------------------------------------------
+# -- caches ---------------------------------------------------------------------------------
 
 
-def timed(fn: Callable[[], None]) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
+def drop_caches(enabled: bool) -> None:
+    """sync, then drop page cache, dentries and inodes (root only): a cold start."""
+    os.sync()
+    if enabled:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
 
 
-def run(args: argparse.Namespace) -> int:
-    global NATIVE_SRC
-    scale = QUICK if args.quick else FULL
-    work = Path(args.workdir)
-    tag = "quick" if args.quick else "full"
-    lowers = generate(work / f"layers-{tag}", scale)
-    if args.layers:
-        lowers = deep_layers(work / f"deep-{args.layers}-{tag}", args.layers, scale)
-    native = work / f"native-{tag}-{len(lowers)}"
-    if not (native / ".ready").exists():
-        shutil.rmtree(native, ignore_errors=True)
-        native.mkdir(parents=True)
-        t = TARGETS["kernel"] if ROOT else TARGETS["unionfs"]
-        with mounted(t, lowers, work / "scratch") as mnt:
-            subprocess.run(["cp", "-a", f"{mnt}/.", str(native)], check=True)
-        (native / ".ready").touch()
-    NATIVE_SRC = str(native)
-
-    targets = [TARGETS[n] for n in args.targets.split(",")]
-    missing = [t.name for t in targets if not t.available()]
-    for name in missing:
-        hint = " (apt-get install fuse-overlayfs unionfs-fuse)" if "fuse" in name else ""
-        print(f"skipping {name}: not available{hint}", file=sys.stderr)
-    targets = [t for t in targets if t.available()]
-    wanted = [w for w in WORKLOADS if not args.workloads or w.name in args.workloads.split(",")]
-    if args.layers:
-        wanted = [w for w in wanted if w.name in ("stat-walk", "ls-lR", "read-small")]
-    # times[(workload, phase, target)] = [seconds per round]
-    times: dict[tuple[str, str, str], list[float]] = {}
-    failures = []
-    for rnd in range(args.rounds):
-        for w in wanted:
-            order = targets[rnd % len(targets) :] + targets[: rnd % len(targets)]
-            for t in order:
-                try:
-                    drop_caches()
-                    with mounted(t, lowers, work / "scratch", mutating=not w.warm) as mnt:
-                        if args.layers and w.name == "read-small":
-
-                            def fn(m: Path = mnt) -> None:
-                                for p in _files(m, "usr"):
-                                    Path(p).read_bytes()
-                        else:
-
-                            def fn(m: Path = mnt, w: Workload = w) -> None:
-                                w.run(m, scale)
-
-                        cold = timed(fn)
-                        warm = timed(fn) if w.warm else None
-                except (subprocess.CalledProcessError, OSError) as e:
-                    failures.append(f"{w.name} on {t.name}: {e}")
-                    print(f"FAILED {w.name} on {t.name}: {e}", file=sys.stderr)
-                    continue
-                times.setdefault((w.name, "cold", t.name), []).append(cold)
-                if warm is not None:
-                    times.setdefault((w.name, "warm", t.name), []).append(warm)
-                print(
-                    f"round {rnd + 1} {w.name:18} {t.name:15} cold {cold:8.3f}"
-                    + (f" warm {warm:8.3f}" if warm is not None else ""),
-                    flush=True,
-                )
-    report(times, [t.name for t in targets], args, len(lowers))
-    return 1 if failures else 0
-
-
-def _ratio(times, key, base) -> float | None:
-    """Median over rounds of the per-round ratio target / base."""
-    a, b = times.get(key), times.get((key[0], key[1], base))
-    if not a or not b:
-        return None
-    return statistics.median(x / y for x, y in zip(a, b, strict=False) if y > 0)
-
-
-def machine() -> str:
-    cpu = ""
-    with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
-        cpu = next(
-            (line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), ""
+def can_drop_caches(args: argparse.Namespace) -> bool:
+    if args.no_drop_caches:
+        return False
+    if os.geteuid() != 0:
+        print(
+            "not root: cannot drop caches, so 'cold' runs are only fresh mounts (not truly cold)",
+            file=sys.stderr,
         )
-    return f"{os.cpu_count()} cores, {cpu}, Linux {platform.release()}"
+        return False
+    try:
+        drop_caches(True)
+    except OSError as e:
+        print(f"cannot drop caches ({e}): 'cold' runs are only fresh mounts", file=sys.stderr)
+        return False
+    return True
 
 
-def report(times, names, args, nlayers) -> None:
-    rows = sorted(
-        {(w, p) for (w, p, _) in times},
-        key=lambda k: ([x.name for x in WORKLOADS].index(k[0]), k[1]),
+def drop_counter() -> int:
+    """How often anyone dropped the page cache (to flag runs disturbed by other processes)."""
+    try:
+        with open("/proc/vmstat") as f:
+            for line in f:
+                if line.startswith("drop_pagecache "):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+# -- measuring ------------------------------------------------------------------------------
+
+
+def timed(m: Mount, fn: Callable[[], Note], timeout: float) -> tuple[float, Note, bool]:
+    """Seconds, note, and whether someone else dropped caches meanwhile."""
+    before = drop_counter()
+    with targets.watchdog(m, timeout):
+        t0 = time.perf_counter()
+        try:
+            note = fn()
+        except Exception:
+            if m.killed:
+                raise TimeoutError(f"no result after {timeout:.0f} s: daemon killed") from None
+            raise
+        seconds = time.perf_counter() - t0
+    return seconds, note, drop_counter() != before
+
+
+def rotated(items: list[Target], by: int) -> list[Target]:
+    by %= len(items)
+    return items[by:] + items[:by]
+
+
+def read_only(run: Run, rnd: int, w: Workload, target: Target) -> None:
+    """One fresh mount, caches dropped, then cold and warm on it."""
+    with targets.mounted(target, run.tree, run.scratch, fresh=False) as m:
+        job = w.prepare(ctx(run, m))
+        drop_caches(run.drop)
+        for phase in ("cold", "warm") if w.warm else ("cold",):
+            run.phase = phase
+            record(run, rnd, w, target, phase, m, job)
+
+
+def mutating(run: Run, rnd: int, w: Workload, target: Target) -> None:
+    """A fresh mount and upper per phase; warm reads the inputs first instead of dropping."""
+    for phase in ("cold", "warm") if w.warm else ("cold",):
+        run.phase = phase
+        with targets.mounted(target, run.tree, run.scratch, fresh=True, copy_big=w.copy_big) as m:
+            job = w.prepare(ctx(run, m))
+            if phase == "cold":
+                drop_caches(run.drop)
+            else:
+                os.sync()
+                assert job.warmup is not None, f"{w.name} has a warm phase but no warmup"
+                job.warmup()
+            record(run, rnd, w, target, phase, m, job)
+            os.sync()  # this run's write-back must not land in the next measurement
+
+
+def ctx(run: Run, m: Mount) -> Ctx:
+    return Ctx(m.path, run.tree.manifest, run.counts, run.args.timeout)
+
+
+def record(run: Run, rnd: int, w: Workload, target: Target, phase: str, m: Mount, job: Job) -> None:
+    seconds, note, disturbed = timed(m, job.run, run.args.timeout)
+    if job.check is not None:
+        note = "; ".join(filter(None, [note, job.check()])) or None
+    run.measurements.append(Measurement(rnd, w.name, phase, target.name, seconds, note, disturbed))
+    flag = " (caches dropped by someone else)" if disturbed else ""
+    extra = f"  [{note}]" if note else ""
+    print(f"  {w.name:17} {phase:4} {target.name:15} {seconds:9.3f} s{extra}{flag}", flush=True)
+
+
+def measure(run: Run, rnd: int, w: Workload, target: Target) -> None:
+    """Every phase of one workload on one target; failures are recorded, not raised."""
+    run.phase = "cold"
+    try:
+        (mutating if w.mutates else read_only)(run, rnd, w, target)
+    except MountError as e:
+        run.broken.add(target.name)
+        fail(run, Failure(rnd, "mount", "-", target.name, str(e)))
+        print(f"  {target.name} is left out from now on", flush=True)
+    except Exception as e:
+        fail(run, Failure(rnd, w.name, run.phase, target.name, f"{type(e).__name__}: {e}"))
+
+
+def fail(run: Run, f: Failure) -> None:
+    run.failures.append(f)
+    print(f"  FAILED {f.workload} ({f.phase}) on {f.target}: {f.error}", flush=True)
+
+
+def run_rounds(run: Run, chosen: list[Target], workloads: list[Workload]) -> None:
+    """for round: for workload: for target (rotated per round)."""
+    for rnd in range(1, run.args.rounds + 1):
+        print(f"round {rnd}/{run.args.rounds}", flush=True)
+        for w in workloads:
+            for target in rotated(chosen, rnd - 1):
+                if target.name not in run.broken:
+                    measure(run, rnd, w, target)
+
+
+# -- reporting ------------------------------------------------------------------------------
+
+
+def metadata(run: Run, chosen: list[Target], skipped: dict[str, str]) -> dict:
+    spec, stats = run.tree.spec, run.tree.manifest.stats
+    extra = layers.layer_stats(run.tree)
+    summary = (
+        f"{spec.layers} lower layers, {stats['files']:,} files, {stats['dirs']:,} dirs, "
+        f"{extra['whiteouts']} whiteouts, big file {spec.big_mib} MiB (scale {run.args.scale:g})"
     )
-    head = ["workload", *names]
-    others = [n for n in names if n != "native"]
-    lines = [
-        f"# unionfs benchmark, {time.strftime('%Y-%m-%d')}",
-        f"{machine()}; {nlayers} layers; {args.rounds} round(s); "
-        f"{'quick' if args.quick else 'full'} scale",
-        "",
-        "Median seconds; in brackets the median per-round ratio to native / to fuse-overlayfs.",
-        "",
-        "| " + " | ".join(head) + " |",
-        "|" + "---|" * len(head),
-    ]
-    ratios: dict[str, dict[str, float]] = {}
-    for w, p in rows:
-        cells = [f"{w} ({p})"]
-        for n in names:
-            v = times.get((w, p, n))
-            if not v:
-                cells.append("-")
-                continue
-            cell = f"{statistics.median(v):.3f}"
-            rn = _ratio(times, (w, p, n), "native") if n != "native" else None
-            rf = _ratio(times, (w, p, n), "fuse-overlayfs") if n != "fuse-overlayfs" else None
-            if rn is not None or rf is not None:
-                cell += " (" + " / ".join("-" if r is None else f"{r:.2f}x" for r in (rn, rf)) + ")"
-            if rf is not None:
-                ratios.setdefault(n, {})[f"{w} ({p})"] = rf
-            cells.append(cell)
-        lines.append("| " + " | ".join(cells) + " |")
-    lines.append("")
-    for n in others:
-        r = ratios.get(n)
-        if r and n != "fuse-overlayfs":
-            gm = statistics.geometric_mean(r.values())
-            lines.append(
-                f"- {n}: geometric mean of ratios to fuse-overlayfs {gm:.2f}x, "
-                f"worst {max(r.values()):.2f}x ({max(r, key=r.get)})"
-            )
-    text = "\n".join(lines) + "\n"
+    return {
+        "machine": report.machine(),
+        "tree_summary": summary,
+        "spec": asdict(spec),
+        "tree_stats": {**stats, **extra},
+        "counts": asdict(run.counts),
+        "rounds": run.args.rounds,
+        "cold": "sync + drop_caches + fresh mount"
+        if run.drop
+        else "fresh mount only (caches NOT dropped: not root or --no-drop-caches)",
+        "targets": [t.name for t in chosen],
+        "skipped": skipped,
+        "versions": {t.name: t.version() for t in chosen},
+        "workdir": str(run.args.workdir),
+        "command": shlex.join([sys.executable, *sys.argv]),
+    }
+
+
+def notes(run: Run) -> list[str]:
+    """Fallbacks the workloads reported, and measurements other processes disturbed."""
+    seen: dict[tuple[str, str], set[str]] = {}
+    for m in run.measurements:
+        if m.note:
+            seen.setdefault((m.workload, m.note), set()).add(m.target)
+    out = [f"{w}: {', '.join(sorted(ts))}: {note}" for (w, note), ts in sorted(seen.items())]
+    disturbed = sum(m.disturbed for m in run.measurements)
+    if disturbed:
+        out.append(f"{disturbed} measurement(s) ran while another process dropped caches")
+    if not run.drop:
+        out.append("caches were not dropped: 'cold' is not truly cold")
+    return out
+
+
+def finish(
+    run: Run,
+    chosen: list[Target],
+    skipped: dict[str, str],
+    workloads: list[Workload],
+    interrupted: bool,
+) -> None:
+    """Print the tables, write results.md/results.json and the plot."""
+    names = [t.name for t in chosen]
+    meta = metadata(run, chosen, skipped)
+    meta["workloads"] = [w.name for w in workloads]
+    meta["notes"] = notes(run) + (["interrupted: partial results"] if interrupted else [])
+    rows = report.summarize(run.measurements, run.failures, names, meta["workloads"])
+    text = report.markdown(meta, rows, names, run.failures, meta["notes"])
+    print()
     print(text)
-    out = Path(args.out) / time.strftime("%Y%m%d-%H%M%S")
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "results.md").write_text(text)
-    (out / "results.json").write_text(
-        json.dumps(
-            {
-                "machine": machine(),
-                "rounds": args.rounds,
-                "layers": nlayers,
-                "times": {"|".join(k): v for k, v in times.items()},
-            },
-            indent=1,
-        )
-    )
-    plot(ratios, out / "ratios.png" if not args.plot_to else Path(args.plot_to), lines[1])
-    print(f"results in {out}")
+    out = run.args.out / f"{time.strftime('%Y%m%d-%H%M%S')}-{meta['machine']['host']}"
+    report.write_results(out, meta, rows, run.measurements, run.failures, text)
+    plots = [out / "ratios.png"] + ([run.args.plot_to] if run.args.plot_to else [])
+    report.plot(rows, names, meta, plots)
+    print(f"results: {out}")
 
 
-def plot(ratios: dict[str, dict[str, float]], path: Path, subtitle: str) -> None:
+# -- main -----------------------------------------------------------------------------------
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    """SIGTERM/SIGHUP unwind like Ctrl-C, so every mount is undone on the way out."""
+    raise KeyboardInterrupt(signum)
+
+
+def _exit_status(e: KeyboardInterrupt) -> int:
+    """128 + the signal, as a shell reports it."""
+    signum = e.args[0] if e.args and isinstance(e.args[0], int) else signal.SIGINT
+    return 128 + signum
+
+
+def lock_workdir(workdir: Path) -> int:
+    """Hold an exclusive lock on the work dir for the whole run: a second run would unmount
+    and delete this one's scratch space."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(workdir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        import matplotlib
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise SystemExit(f"another benchmark run is using {workdir}; pass --workdir") from None
+    return fd
 
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot (pip install matplotlib)", file=sys.stderr)
-        return
-    keys = sorted({k for r in ratios.values() for k in r})
-    if not keys:
-        return
-    fig, ax = plt.subplots(figsize=(11, 0.35 * len(keys) + 2))
-    width = 0.8 / max(1, len(ratios))
-    for i, (name, r) in enumerate(sorted(ratios.items())):
-        ax.barh(
-            [k + i * width for k in range(len(keys))],
-            [r.get(k, 0) for k in keys],
-            height=width,
-            label=name,
-        )
-    ax.set_yticks([k + 0.4 - width / 2 for k in range(len(keys))], keys, fontsize=8)
-    ax.axvline(1.0, color="black", linewidth=0.8)
-    ax.set_xscale("log")
-    ax.set_xlabel("time relative to fuse-overlayfs (lower is faster)")
-    ax.set_title(f"unionfs benchmark {time.strftime('%Y-%m-%d')}\n{subtitle}", fontsize=9)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    print(f"plot: {path}")
+
+def setup(args: argparse.Namespace) -> Run:
+    """Clear our leftovers, get the (cached) layers."""
+    scratch = args.workdir / "scratch"
+    targets.clear_leftovers(scratch)
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    spec = layers.Spec.scaled(args.scale, args.layers, args.seed, os.geteuid() == 0)
+    tree = layers.prepare(spec, args.workdir, args.regenerate)
+    counts = Counts.scaled(args.scale, spec.big_mib)
+    return Run(args, tree, counts, scratch, can_drop_caches(args))
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="tiny tree, one round: a smoke run")
-    p.add_argument("--rounds", type=int, default=None, help="rounds (default 3, quick 1)")
-    p.add_argument("--targets", default=",".join(TARGETS), help="comma-separated targets")
-    p.add_argument("--workloads", default="", help="comma-separated subset of workloads")
-    p.add_argument(
-        "--layers",
-        type=int,
-        default=0,
-        help="deep stack of N layers instead of the default tree (read workloads)",
-    )
-    p.add_argument("--workdir", default="/var/tmp/unionfs-bench", help="layers and scratch")
-    p.add_argument("--out", default=str(HERE / "results"), help="where results go")
-    p.add_argument("--plot-to", default="", help="also write the PNG plot here")
-    args = p.parse_args(argv)
-    if args.rounds is None:
-        args.rounds = 1 if args.quick else 3
-    # SIGTERM unwinds like Ctrl-C, so every mount is undone on the way out.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    return run(args)
+    args = parse_args(argv)
+    if args.list:
+        print_list()
+        return 0
+    if args.replot:
+        print(report.rerender(args.replot, args.plot_to))
+        return 0
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, _interrupt)
+    chosen, skipped = select_targets(args)
+    workloads = select_workloads(args)
+    if not chosen:
+        print("no target can run here", file=sys.stderr)
+        return 1
+    lock_workdir(args.workdir)  # before the try: never clean up another run's mounts
+    try:
+        run = setup(args)
+        status = measure_and_report(run, chosen, skipped, workloads)
+    except KeyboardInterrupt as e:
+        print("interrupted", file=sys.stderr)
+        status = _exit_status(e)
+    finally:
+        targets.release_all()
+        targets.clear_leftovers(args.workdir / "scratch")  # belt and braces
+        left = targets.leftover_mounts(args.workdir)
+        if left:
+            print(f"warning: mounts left behind: {left}", file=sys.stderr)
+    return status
+
+
+def measure_and_report(
+    run: Run, chosen: list[Target], skipped: dict[str, str], workloads: list[Workload]
+) -> int:
+    """Run the rounds; on an interrupt, unmount and still report what was measured."""
+    interrupted: KeyboardInterrupt | None = None
+    try:
+        run_rounds(run, chosen, workloads)
+    except KeyboardInterrupt as e:
+        interrupted = e
+        print("interrupted: unmounting and reporting what was measured", file=sys.stderr)
+    targets.release_all()
+    finish(run, chosen, skipped, workloads, interrupted is not None)
+    if interrupted is not None:
+        return _exit_status(interrupted)
+    return 1 if run.failures else 0
 
 
 if __name__ == "__main__":

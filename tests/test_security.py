@@ -179,3 +179,127 @@ def test_deep_paths(union):
     finally:
         os.close(real)
     assert sum(len(c) + 1 for c in rel) > 4096
+
+
+# --------------------------------------------------------------------------- other users
+
+
+def _attempts(mnt: str) -> dict[str, str]:
+    """What an unprivileged user tries on a root mount: each call's errno name or "ok"."""
+
+    def p(rel: str) -> str:
+        return os.path.join(mnt, rel)
+
+    def create(rel: str) -> None:
+        os.close(os.open(p(rel), os.O_CREAT | os.O_WRONLY | os.O_EXCL, 0o644))
+
+    def read(rel: str) -> bytes:
+        with open(p(rel), "rb") as f:
+            return f.read()
+
+    tries = {
+        "read 0600 file": lambda: read("secret"),
+        "read 0644 file": lambda: read("public"),
+        "open 0644 file for writing": lambda: os.close(os.open(p("public"), os.O_WRONLY)),
+        "truncate 0644 file": lambda: os.truncate(p("public"), 0),
+        "chmod another's file": lambda: os.chmod(p("public"), 0o666),
+        "chown to self": lambda: os.chown(p("public"), os.getuid(), os.getgid()),
+        "set user xattr on another's file": lambda: os.setxattr(p("public"), "user.x", b"1"),
+        "utime another's file": lambda: os.utime(p("public"), (1, 1)),
+        "list 0700 dir": lambda: os.listdir(p("private")),
+        "stat in 0700 dir": lambda: os.stat(p("private/inner")),
+        "create in 0755 dir": lambda: create("rodir/new"),
+        "mkdir in 0755 dir": lambda: os.mkdir(p("rodir/sub")),
+        "unlink in 0755 dir": lambda: os.unlink(p("rodir/file")),
+        "rename in 0755 dir": lambda: os.rename(p("rodir/file"), p("rodir/moved")),
+        "rmdir 0755 dir": lambda: os.rmdir(p("rodir/empty")),
+        "symlink in 0755 dir": lambda: os.symlink("x", p("rodir/link")),
+        "link into 0755 dir": lambda: os.link(p("tmp/shared"), p("rodir/hard")),
+        "unlink another's file in sticky dir": lambda: os.unlink(p("tmp/roots")),
+        "create in sticky dir": lambda: create("tmp/mine"),
+        "hard link to another's file": lambda: os.link(p("public"), p("tmp/hard")),
+        "write to a 0666 file": lambda: os.truncate(p("tmp/shared"), 1),
+    }
+    out = {}
+    for what, fn in tries.items():
+        try:
+            fn()
+            out[what] = "ok"
+        except OSError as e:
+            out[what] = errno.errorcode[e.errno]
+    return out
+
+
+def _build_shared_lower(root: Path) -> None:
+    root.mkdir()
+    (root / "secret").write_text("root only\n")
+    os.chmod(root / "secret", 0o600)
+    (root / "public").write_text("for all\n")
+    (root / "private").mkdir(mode=0o700)
+    (root / "private" / "inner").write_text("x")
+    (root / "rodir").mkdir()
+    (root / "rodir" / "file").write_text("x")
+    (root / "rodir" / "empty").mkdir()
+    (root / "tmp").mkdir()
+    os.chmod(root / "tmp", 0o1777)
+    (root / "tmp" / "roots").write_text("x")
+    (root / "tmp" / "shared").write_text("xx")
+    os.chmod(root / "tmp" / "shared", 0o666)
+
+
+def _upper_paths(upper: Path) -> list[str]:
+    return sorted(
+        str(Path(d, n).relative_to(upper)) for d, ds, fs in os.walk(upper) for n in ds + fs
+    )
+
+
+def test_root_mount_keeps_other_users_to_their_rights(tmp, unpriv_user, unionfs, kernel_overlay):
+    """Mounted by root (allow_other + default_permissions), a second user gets exactly the
+    kernel overlayfs answers: no reading a 0600 file, no writing a read-only directory, the
+    sticky bit kept; and nothing it was refused leaves a trace in the upper."""
+    from support import run_as
+
+    for side in ("u", "k"):
+        _build_shared_lower(tmp / f"{side}-lower")
+        (tmp / f"{side}-upper").mkdir()
+    m = unionfs([tmp / "u-lower"], tmp / "u-upper")
+    k = kernel_overlay([tmp / "k-lower"], tmp / "k-upper")
+    got = run_as(unpriv_user, _attempts, str(m.mnt))
+    want = run_as(unpriv_user, _attempts, str(k.mnt))
+    assert got == want, {n: (got[n], want[n]) for n in got if got[n] != want[n]}
+    refused = {
+        "read 0600 file",
+        "open 0644 file for writing",
+        "truncate 0644 file",
+        "list 0700 dir",
+        "stat in 0700 dir",
+        "create in 0755 dir",
+        "mkdir in 0755 dir",
+        "unlink in 0755 dir",
+        "rename in 0755 dir",
+        "rmdir 0755 dir",
+        "symlink in 0755 dir",
+        "link into 0755 dir",
+    }
+    assert {n: got[n] for n in refused} == dict.fromkeys(refused, "EACCES")
+    for n in (
+        "chmod another's file",
+        "chown to self",
+        "utime another's file",
+        "unlink another's file in sticky dir",
+        "hard link to another's file",
+    ):
+        assert got[n] == "EPERM", n
+    assert got["read 0644 file"] == "ok" and got["create in sticky dir"] == "ok"
+    assert got["write to a 0666 file"] == "ok"
+    assert (
+        _upper_paths(tmp / "u-upper")
+        == _upper_paths(tmp / "k-upper")
+        == [
+            "tmp",
+            "tmp/mine",
+            "tmp/shared",
+        ]
+    )
+    assert os.stat(tmp / "u-upper" / "tmp" / "mine").st_uid == unpriv_user.uid
+    assert stat.S_IMODE(os.stat(tmp / "u-upper" / "tmp").st_mode) == 0o1777

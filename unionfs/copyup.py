@@ -225,6 +225,8 @@ class CopyUp:
             return
         if node.layer == 0:
             return
+        if node.unlinked:
+            raise OSError(errno.ESTALE, "a deleted lower object cannot be copied up")
         assert node.parent is not None
         await self.ensure_dir(node.parent)
         async with self._lock(node):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+from collections.abc import Callable
 
 import pyfuse3
 
@@ -28,6 +29,10 @@ from .layers import Entry, LayerStack, Path
 ROOT_INODE: int = pyfuse3.ROOT_INODE
 _TAG_SHIFT = 48
 _LOW_MASK = (1 << _TAG_SHIFT) - 1
+#: Other names remembered per hard-linked node: enough for real link farms'
+#: churn; a node whose remembered names are all gone answers through its
+#: open descriptors only.
+_MAX_ALIASES = 8
 
 
 class Node:
@@ -40,6 +45,7 @@ class Node:
     """
 
     __slots__ = (
+        "aliases",
         "children",
         "dir_layers",
         "ino",
@@ -50,6 +56,7 @@ class Node:
         "name",
         "nlookup",
         "parent",
+        "unlinked",
         "xattrs",
         "xwh_layers",
     )
@@ -59,6 +66,12 @@ class Node:
         self.parent = parent
         self.name = name
         self.nlookup = 0
+        #: Other merged names the object is known by (hard links), so that
+        #: it keeps a name when the one it is addressed by is removed.
+        self.aliases: list[tuple[Node, bytes]] | None = None
+        #: No name left (unlinked while the kernel still holds it, e.g. open):
+        #: only its open descriptors reach it, never whatever now has its name.
+        self.unlinked = False
         #: The merged listing of a directory, valid while the stack's
         #: generation equals ``listing_gen`` (no upper change since).
         self.listing: list[tuple[bytes, int, bool]] | None = None
@@ -94,7 +107,13 @@ class Node:
         return tuple(parts)
 
     def dirpath(self) -> Path:
-        """Path of the directory holding this node's name."""
+        """Path of the directory holding this node's name.
+
+        Raises ESTALE for an unlinked node: its old name may hold a whiteout or
+        a new object by now, and nothing may be done to those in its stead.
+        """
+        if self.unlinked:
+            raise OSError(errno.ESTALE, "the object has no name left")
         return self.parent.path() if self.parent is not None else ()
 
     def __repr__(self) -> str:
@@ -184,10 +203,54 @@ class InodeTable:
         if node.layer == 0 and entry.layer != 0:
             # Another name of a hard-linked lower file that was copied up
             # through its first name: keep serving the copy.
+            self.add_alias(node, parent, name)
             return node
-        node.parent, node.name = parent, name
+        self._readdress(node, parent, name)
         node.update(entry)
         return node
+
+    def _readdress(self, node: Node, parent: Node, name: bytes) -> None:
+        """Address ``node`` by ``parent/name``, keeping a hard link's other name."""
+        if node.parent is not parent or node.name != name:
+            if not node.is_dir and not node.unlinked and node.parent is not None:
+                self.add_alias(node, node.parent, node.name)
+            node.parent, node.name = parent, name
+        node.unlinked = False
+
+    def add_alias(self, node: Node, parent: Node, name: bytes) -> None:
+        """Remember another name of a hard-linked ``node`` (a few at most)."""
+        if node.is_dir or (node.parent is parent and node.name == name):
+            return
+        aliases = node.aliases or []
+        if not any(p is parent and n == name for p, n in aliases):
+            aliases.append((parent, name))
+            del aliases[:-_MAX_ALIASES]
+        node.aliases = aliases
+
+    def detach(
+        self, node: Node, parent: Node, name: bytes, still_names: Callable[[Node, bytes], bool]
+    ) -> None:
+        """``parent/name`` no longer names ``node`` (unlinked or replaced).
+
+        A node addressed by that name moves to another of its names that
+        ``still_names`` confirms, or is marked unlinked: its old name may now
+        hold a whiteout (whose type change the kernel answers with EIO) or a
+        new object (which must not be changed in its stead).
+        """
+        if node.is_dir:
+            return
+        aliases = [(p, n) for p, n in node.aliases or () if not (p is parent and n == name)]
+        node.aliases = aliases or None
+        if not (node.parent is parent and node.name == name):
+            return
+        for p, n in aliases:
+            if still_names(p, n):
+                node.parent, node.name = p, n
+                node.aliases = [a for a in aliases if a[0] is not p or a[1] != n] or None
+                if self._nodes.get(node.ino) is node:
+                    p.children[n] = node
+                return
+        node.unlinked = True
 
     def ref(self, node: Node) -> None:
         """Count one kernel lookup of ``node`` (lookup, readdirplus, create...)."""
@@ -196,9 +259,19 @@ class InodeTable:
         if node.parent is not None:
             node.parent.children[node.name] = node
 
-    def move(self, node: Node, parent: Node, name: bytes) -> None:
-        """Record that ``node`` now lives at ``parent/name`` (after a rename)."""
-        node.parent, node.name = parent, name
+    def move(self, node: Node, old: tuple[Node, bytes], parent: Node, name: bytes) -> None:
+        """Record that the name ``old`` of ``node`` is now ``parent/name`` (after a rename).
+
+        A hard link renamed under another of its names keeps its address and
+        has that other name changed in its aliases.
+        """
+        if not node.is_dir and not (node.parent is old[0] and node.name == old[1]):
+            aliases = [a for a in node.aliases or () if not (a[0] is old[0] and a[1] == old[1])]
+            node.aliases = aliases
+            self.add_alias(node, parent, name)
+        else:
+            node.parent, node.name = parent, name
+            node.unlinked = False
         if self._nodes.get(node.ino) is node:
             parent.children[name] = node
 

@@ -130,12 +130,17 @@ class UnionOperations(pyfuse3.Operations):
         """
         if node.is_dir:
             return self.stack.stat_dir(node.layer, node.path())
-        st = self.stack.lstat(node.layer, node.dirpath(), node.name)
-        if st is not None:
-            return st
+        if not node.unlinked:
+            st = self.stack.lstat(node.layer, node.dirpath(), node.name)
+            if st is not None:
+                return st
+        return os.fstat(self._handle_fd(node))
+
+    def _handle_fd(self, node: Node) -> int:
+        """A descriptor of one of the node's open handles (ESTALE if none)."""
         for handle in self._files.values():
             if handle.node is node:
-                return os.fstat(handle.fd)
+                return handle.fd
         raise OSError(errno.ESTALE, "object vanished from its layer")
 
     def _writable(self) -> Upper:
@@ -465,6 +470,7 @@ class UnionOperations(pyfuse3.Operations):
         await upper.create(parent, new_name, make, False)
         attrs = self._attrs(node, self._stat(node))
         self.table.ref(node)
+        self.table.add_alias(node, parent, new_name)
         parent.children[new_name] = node
         return attrs
 
@@ -496,6 +502,8 @@ class UnionOperations(pyfuse3.Operations):
         """An O_PATH descriptor of the node's upper object (never a symlink's target)."""
         if node.parent is None:
             return os.dup(self.stack.dirfd(0, ()))
+        if node.unlinked:  # open but nameless: its descriptor is the object
+            return os.dup(self._handle_fd(node))
         return os.open(
             node.name,
             os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC,

@@ -142,6 +142,7 @@ class Upper:
         pfd = self.stack.dirfd(0, path)
         whiteout = self.lower_has(parent, name)
         in_upper = node.layer == 0
+        gone = None if node.is_dir else self.stack.lstat(node.layer, path, name)
         if in_upper and whiteout and self.writer.fmt == "kernel":
             tmp = self._work_whiteout()
             renameat2(self.copyup.work_fd, tmp, pfd, name, RENAME_EXCHANGE)
@@ -158,7 +159,23 @@ class Upper:
         if node.is_dir:
             self.stack.forget_dir(0, (*path, name))
         self.table.unlink_name(parent, name)
+        self._detach(node, parent, name, gone)
         return node
+
+    def _detach(self, node: Node, parent: Node, name: bytes, gone: os.stat_result | None) -> None:
+        """``parent/name`` (which was ``gone``) no longer names ``node``."""
+
+        def still_names(p: Node, n: bytes) -> bool:
+            try:
+                st = self.stack.lstat(node.layer, p.path(), n)
+            except OSError:
+                return False
+            return st is not None and gone is not None and (st.st_dev, st.st_ino) == (
+                gone.st_dev,
+                gone.st_ino,
+            )
+
+        self.table.detach(node, parent, name, still_names)
 
     def _work_whiteout(self) -> bytes:
         tmp = self.copyup.temp_name()
@@ -245,6 +262,9 @@ class Upper:
         ofd, nfd = self.stack.dirfd(0, old_path), self.stack.dirfd(0, new_path)
         leave_whiteout = self.lower_has(old_parent, old)
         dst_st = self.stack.lstat(0, new_path, new)
+        dst_gone = None
+        if dst is not None and not dst.is_dir:
+            dst_gone = dst_st if dst.layer == 0 else self.stack.lstat(dst.layer, new_path, new)
         dst_is_wh = dst_st is not None and markers.is_char_whiteout(dst_st.st_mode, dst_st.st_rdev)
         if src.is_dir:
             if self.lower_has(new_parent, new) or dst_is_wh:
@@ -277,7 +297,9 @@ class Upper:
             self.stack.forget_dir(0, (*new_path, new))
         self.table.unlink_name(new_parent, new)
         self.table.unlink_name(old_parent, old)
-        self.table.move(src, new_parent, new)
+        if dst is not None:
+            self._detach(dst, new_parent, new, dst_gone)
+        self.table.move(src, (old_parent, old), new_parent, new)
 
     async def _exchange(
         self, op: Node, old: bytes, src: Node, np: Node, new: bytes, dst: Node
@@ -296,8 +318,8 @@ class Upper:
                 self.stack.forget_dir(0, (*path, name))
         self.table.unlink_name(op, old)
         self.table.unlink_name(np, new)
-        self.table.move(src, np, new)
-        self.table.move(dst, op, old)
+        self.table.move(src, (op, old), np, new)
+        self.table.move(dst, (np, new), op, old)
 
 
 _PATH_DIR = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC

@@ -75,3 +75,55 @@ def test_nosuid_nodev_unless_asked(layers):
         assert {"nosuid", "nodev"} <= flags()
     with unionfs_mount([lower], upper, mnt, opts=("suid,dev",)):
         assert not {"nosuid", "nodev"} & flags()
+
+
+# --------------------------------------------------------------------------- names of one file
+
+
+def test_hard_link_survives_removal_of_the_name_it_was_made_from(layers):
+    """link() a lower file, change it, unlink the first name: the other name answers
+    (it used to be EIO: the daemon still stat'ed the first name, now a whiteout)."""
+    lower, upper, mnt = layers
+    with unionfs_mount([lower], upper, mnt):
+        os.link(mnt / "gone", mnt / "other")
+        (mnt / "gone").write_text("changed")
+        os.unlink(mnt / "gone")
+        assert (mnt / "other").read_text() == "changed"
+        assert os.stat(mnt / "other").st_nlink == 1
+        assert stat.S_ISREG(os.stat(mnt / "other").st_mode)
+        assert not os.path.lexists(mnt / "gone")
+
+
+def test_hard_link_renamed_then_replaced_leaves_its_other_name(layers):
+    """Rename one name of a linked file, then rename something over it: the file
+    stays reachable through its first name (found by the crash workload test)."""
+    lower, upper, mnt = layers
+    with unionfs_mount([lower], upper, mnt):
+        os.mkdir(mnt / "d")
+        os.link(mnt / "gone", mnt / "d" / "l")
+        os.rename(mnt / "d" / "l", mnt / "dir" / "moved")
+        os.rename(mnt / "data", mnt / "dir" / "moved")
+        assert (mnt / "gone").read_text() == "gone"
+        assert os.stat(mnt / "gone").st_nlink == 1
+        assert len((mnt / "dir" / "moved").read_bytes()) == 10000
+
+
+def test_open_file_unlinked_and_replaced_is_changed_alone(layers):
+    """An open, unlinked file is changed through its descriptor; the new file that
+    took its name is left alone."""
+    lower, upper, mnt = layers
+    with unionfs_mount([lower], upper, mnt):
+        fd = os.open(mnt / "gone", os.O_RDWR)
+        try:
+            os.unlink(mnt / "gone")
+            (mnt / "gone").write_text("newcomer")
+            os.ftruncate(fd, 2)
+            os.fchmod(fd, 0o600)
+            st = os.fstat(fd)
+            assert (st.st_size, stat.S_IMODE(st.st_mode)) == (2, 0o600)
+            assert os.pread(fd, 10, 0) == b"go"
+        finally:
+            os.close(fd)
+        assert (mnt / "gone").read_text() == "newcomer"
+        assert stat.S_IMODE(os.stat(mnt / "gone").st_mode) == 0o644
+    assert (upper / "gone").read_text() == "newcomer"

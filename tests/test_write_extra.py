@@ -127,3 +127,62 @@ def test_open_file_unlinked_and_replaced_is_changed_alone(layers):
         assert (mnt / "gone").read_text() == "newcomer"
         assert stat.S_IMODE(os.stat(mnt / "gone").st_mode) == 0o644
     assert (upper / "gone").read_text() == "newcomer"
+
+
+# --------------------------------------------------------------------------- found by the fuzzer
+
+
+def _hard_linked_lower(root):
+    """b/a and b/b one file, c/x a third name of it: three names in one lower layer."""
+    (root / "b").mkdir(parents=True)
+    (root / "c").mkdir()
+    (root / "b" / "a").write_text("one file\n")
+    os.link(root / "b" / "a", root / "b" / "b")
+    os.link(root / "b" / "a", root / "c" / "x")
+
+
+@pytest.mark.parametrize(
+    "steps",
+    [
+        # A lower dir holding two names of one file, renamed: both names move (one was lost).
+        [("listdir",), ("rename", "b", "moved")],
+        # One lower name unlinked after all were seen: the others count one link less.
+        [("listdir",), ("unlink", "b/a")],
+        # A lower name exchanged with a dir after its other name was seen (was ENOENT).
+        [("listdir",), ("mkdir", "d"), ("exchange", "d", "b/b")],
+        # Change through one name, rename another, unlink the first.
+        [("append", "b/a"), ("rename", "c/x", "y"), ("unlink", "b/a"), ("append", "y")],
+    ],
+)
+def test_lower_hard_links_match_the_kernel(tmp, unionfs, kernel_overlay, steps):
+    from unionfs.syscalls import RENAME_EXCHANGE, renameat2
+
+    from support import diff_snapshots
+
+    views = []
+    for side in ("u", "k"):
+        lower, upper = tmp / f"{side}-lower", tmp / f"{side}-upper"
+        _hard_linked_lower(lower)
+        upper.mkdir()
+        if side == "u":
+            m = unionfs([lower], upper)
+        else:  # renames directories as unionfs does, instead of EXDEV
+            m = kernel_overlay([lower], upper, options=("redirect_dir=on",))
+        for op, *args in steps:
+            paths = [os.path.join(m.mnt, a) for a in args]
+            if op == "listdir":
+                snapshot(m.mnt)
+            elif op == "rename":
+                os.rename(*paths)
+            elif op == "unlink":
+                os.unlink(*paths)
+            elif op == "mkdir":
+                os.mkdir(*paths)
+            elif op == "append":
+                with open(paths[0], "a") as f:
+                    f.write("more\n")
+            elif op == "exchange":
+                renameat2(-100, os.fsencode(paths[0]), -100, os.fsencode(paths[1]), RENAME_EXCHANGE)
+        views.append(snapshot(m.mnt))
+        m.close()
+    assert not diff_snapshots(*views, ("unionfs", "kernel")), diff_snapshots(*views)

@@ -205,16 +205,17 @@ class InodeTable:
             # through its first name: keep serving the copy.
             self.add_alias(node, parent, name)
             return node
-        self._readdress(node, parent, name)
+        self.readdress(node, parent, name)
         node.update(entry)
         return node
 
-    def _readdress(self, node: Node, parent: Node, name: bytes) -> None:
+    def readdress(self, node: Node, parent: Node, name: bytes) -> None:
         """Address ``node`` by ``parent/name``, keeping a hard link's other name."""
         if node.parent is not parent or node.name != name:
-            if not node.is_dir and not node.unlinked and node.parent is not None:
-                self.add_alias(node, node.parent, node.name)
+            old = (node.parent, node.name)
             node.parent, node.name = parent, name
+            if not node.is_dir and not node.unlinked and old[0] is not None:
+                self.add_alias(node, *old)
         node.unlinked = False
 
     def add_alias(self, node: Node, parent: Node, name: bytes) -> None:
@@ -233,7 +234,7 @@ class InodeTable:
         """``parent/name`` no longer names ``node`` (unlinked or replaced).
 
         A node addressed by that name moves to another of its names that
-        ``still_names`` confirms, or is marked unlinked: its old name may now
+        ``still_names`` confirms (in the merged view), or is marked unlinked: its old name may now
         hold a whiteout (whose type change the kernel answers with EIO) or a
         new object (which must not be changed in its stead).
         """

@@ -115,10 +115,12 @@ class Upper:
 
     @changes_upper
     async def link_alias(self, parent: Node, name: bytes, node: Node) -> None:
-        """Make ``parent/name``, a lower name of an indexed file, a link to its copy."""
+        """Make ``parent/name`` a name of ``node`` in the upper: a lower object is
+        copied up there (a hard-linked one is linked to its indexed copy if it
+        has one), the lower name of a copied-up file becomes a link to the copy."""
         await self.copyup.ensure_dir(parent)
         if node.layer != 0:
-            node.parent, node.name = parent, name
+            self.table.readdress(node, parent, name)
             await self.copyup.copy_up(node)  # finds the index entry and links it
             return
         self.copyup.link_index_entry(node, self.stack.dirfd(0, parent.path()), name)
@@ -139,10 +141,20 @@ class Upper:
             raise OSError(errno.ENOTEMPTY, "directory not empty")
         await self.copyup.ensure_dir(parent)
         path = parent.path()
+        in_upper = node.layer == 0
+        if not node.is_dir:
+            here = self.stack.lstat(0, path, name)
+            in_upper = here is not None
+            if not in_upper:
+                below = None if node.layer == 0 else self.stack.lstat(node.layer, path, name)
+                if node.layer == 0 or (below is not None and below.st_nlink > 1):
+                    # One name of a lower file with several: linked up to the
+                    # (indexed) copy first, as overlayfs' index=on does, so that
+                    # the other names count one link less once it is gone.
+                    await self.link_alias(parent, name, node)
+                    in_upper = True
         pfd = self.stack.dirfd(0, path)
         whiteout = self.lower_has(parent, name)
-        in_upper = node.layer == 0
-        gone = None if node.is_dir else self.stack.lstat(node.layer, path, name)
         if in_upper and whiteout and self.writer.fmt == "kernel":
             tmp = self._work_whiteout()
             renameat2(self.copyup.work_fd, tmp, pfd, name, RENAME_EXCHANGE)
@@ -159,23 +171,26 @@ class Upper:
         if node.is_dir:
             self.stack.forget_dir(0, (*path, name))
         self.table.unlink_name(parent, name)
-        self._detach(node, parent, name, gone)
+        await self._detach(node, parent, name)
         return node
 
-    def _detach(self, node: Node, parent: Node, name: bytes, gone: os.stat_result | None) -> None:
-        """``parent/name`` (which was ``gone``) no longer names ``node``."""
+    async def _detach(self, node: Node, parent: Node, name: bytes) -> None:
+        """``parent/name`` no longer names ``node``: serve it by another of its names."""
 
         def still_names(p: Node, n: bytes) -> bool:
+            assert p.dir_layers is not None
             try:
-                st = self.stack.lstat(node.layer, p.path(), n)
+                entry = self.stack.lookup(p.path(), p.dir_layers, p.xwh_layers, n)
             except OSError:
                 return False
-            return st is not None and gone is not None and (st.st_dev, st.st_ino) == (
-                gone.st_dev,
-                gone.st_ino,
-            )
+            return entry is not None and self.table.number_of(entry) == node.ino
 
         self.table.detach(node, parent, name, still_names)
+        if not node.unlinked and node.layer == 0 and not node.is_dir:
+            assert node.parent is not None
+            if self.stack.lstat(0, node.dirpath(), node.name) is None:
+                # A lower name of the copied-up file: one more link to the copy.
+                await self.link_alias(node.parent, node.name, node)
 
     def _work_whiteout(self) -> bytes:
         tmp = self.copyup.temp_name()
@@ -211,21 +226,20 @@ class Upper:
             child = self.resolve(node, name)
             if child is None:
                 continue
-            if child.is_dir:
-                await self.make_pure_upper(child)
-            else:
-                await self.copyup.copy_up(child)
+            await self._to_upper(child, node, name)
         self.writer.set_opaque(self.stack.dirfd(0, node.path()))
         node.dir_layers = (0,)
         node.xwh_layers = frozenset()
 
-    async def _to_upper(self, node: Node) -> None:
+    async def _to_upper(self, node: Node, parent: Node, name: bytes) -> None:
+        """Bring ``node`` into the upper at ``parent/name`` (for a hard link, its
+        copy may so far be linked under another of its names only)."""
         if node.is_dir:
             assert node.dir_layers is not None
             if any(layer != 0 for layer in node.dir_layers):
                 await self.make_pure_upper(node)
-        else:
-            await self.copyup.copy_up(node)
+        elif node.layer != 0 or self.stack.lstat(0, parent.path(), name) is None:
+            await self.link_alias(parent, name, node)
 
     @changes_upper
     async def rename(
@@ -256,15 +270,12 @@ class Upper:
             if dst.is_dir and not self.is_empty(dst):
                 raise OSError(errno.ENOTEMPTY, "directory not empty")
 
-        await self._to_upper(src)
+        await self._to_upper(src, old_parent, old)
         await self.copyup.ensure_dir(new_parent)
         old_path, new_path = old_parent.path(), new_parent.path()
         ofd, nfd = self.stack.dirfd(0, old_path), self.stack.dirfd(0, new_path)
         leave_whiteout = self.lower_has(old_parent, old)
         dst_st = self.stack.lstat(0, new_path, new)
-        dst_gone = None
-        if dst is not None and not dst.is_dir:
-            dst_gone = dst_st if dst.layer == 0 else self.stack.lstat(dst.layer, new_path, new)
         dst_is_wh = dst_st is not None and markers.is_char_whiteout(dst_st.st_mode, dst_st.st_rdev)
         if src.is_dir:
             if self.lower_has(new_parent, new) or dst_is_wh:
@@ -298,14 +309,14 @@ class Upper:
         self.table.unlink_name(new_parent, new)
         self.table.unlink_name(old_parent, old)
         if dst is not None:
-            self._detach(dst, new_parent, new, dst_gone)
+            await self._detach(dst, new_parent, new)
         self.table.move(src, (old_parent, old), new_parent, new)
 
     async def _exchange(
         self, op: Node, old: bytes, src: Node, np: Node, new: bytes, dst: Node
     ) -> None:
-        await self._to_upper(src)
-        await self._to_upper(dst)
+        await self._to_upper(src, op, old)
+        await self._to_upper(dst, np, new)
         old_path, new_path = op.path(), np.path()
         for node, parent, name in ((src, np, new), (dst, op, old)):
             if node.is_dir and self.lower_has(parent, name):

@@ -150,6 +150,8 @@ def _hard_linked_lower(root):
         [("listdir",), ("unlink", "b/a")],
         # A lower name exchanged with a dir after its other name was seen (was ENOENT).
         [("listdir",), ("mkdir", "d"), ("exchange", "d", "b/b")],
+        # One lower name replaced by a rename: the others count one link less.
+        [("symlink", "s"), ("rename", "s", "b/b")],
         # Change through one name, rename another, unlink the first.
         [("append", "b/a"), ("rename", "c/x", "y"), ("unlink", "b/a"), ("append", "y")],
     ],
@@ -176,6 +178,8 @@ def test_lower_hard_links_match_the_kernel(tmp, unionfs, kernel_overlay, steps):
                 os.rename(*paths)
             elif op == "unlink":
                 os.unlink(*paths)
+            elif op == "symlink":
+                os.symlink("target", *paths)
             elif op == "mkdir":
                 os.mkdir(*paths)
             elif op == "append":

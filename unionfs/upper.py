@@ -143,16 +143,7 @@ class Upper:
         path = parent.path()
         in_upper = node.layer == 0
         if not node.is_dir:
-            here = self.stack.lstat(0, path, name)
-            in_upper = here is not None
-            if not in_upper:
-                below = None if node.layer == 0 else self.stack.lstat(node.layer, path, name)
-                if node.layer == 0 or (below is not None and below.st_nlink > 1):
-                    # One name of a lower file with several: linked up to the
-                    # (indexed) copy first, as overlayfs' index=on does, so that
-                    # the other names count one link less once it is gone.
-                    await self.link_alias(parent, name, node)
-                    in_upper = True
+            in_upper = await self._up_if_hard_linked(node, parent, name)
         pfd = self.stack.dirfd(0, path)
         whiteout = self.lower_has(parent, name)
         if in_upper and whiteout and self.writer.fmt == "kernel":
@@ -173,6 +164,22 @@ class Upper:
         self.table.unlink_name(parent, name)
         await self._detach(node, parent, name)
         return node
+
+    async def _up_if_hard_linked(self, node: Node, parent: Node, name: bytes) -> bool:
+        """Is non-directory ``parent/name`` in the upper, once linked up if needed?
+
+        One name of a lower file with several is linked up to the (indexed)
+        copy before it is removed or replaced, as overlayfs' index=on does, so
+        that the other names count one link less once it is gone.
+        """
+        path = parent.path()
+        if self.stack.lstat(0, path, name) is not None:
+            return True
+        below = None if node.layer == 0 else self.stack.lstat(node.layer, path, name)
+        if node.layer == 0 or (below is not None and below.st_nlink > 1):
+            await self.link_alias(parent, name, node)
+            return True
+        return False
 
     async def _detach(self, node: Node, parent: Node, name: bytes) -> None:
         """``parent/name`` no longer names ``node``: serve it by another of its names."""
@@ -272,6 +279,8 @@ class Upper:
 
         await self._to_upper(src, old_parent, old)
         await self.copyup.ensure_dir(new_parent)
+        if dst is not None and not dst.is_dir:
+            await self._up_if_hard_linked(dst, new_parent, new)
         old_path, new_path = old_parent.path(), new_parent.path()
         ofd, nfd = self.stack.dirfd(0, old_path), self.stack.dirfd(0, new_path)
         leave_whiteout = self.lower_has(old_parent, old)

@@ -190,3 +190,24 @@ def test_lower_hard_links_match_the_kernel(tmp, unionfs, kernel_overlay, steps):
         views.append(snapshot(m.mnt))
         m.close()
     assert not diff_snapshots(*views, ("unionfs", "kernel")), diff_snapshots(*views)
+
+
+def _link_symlink_then_unlink(mnt: str) -> tuple[bool, str]:
+    os.link(os.path.join(mnt, "s"), os.path.join(mnt, "t"), follow_symlinks=False)
+    os.unlink(os.path.join(mnt, "s"))
+    st = os.lstat(os.path.join(mnt, "t"))
+    return stat.S_ISLNK(st.st_mode), os.readlink(os.path.join(mnt, "t"))
+
+
+def test_rootless_hard_linked_symlink_keeps_its_other_name(unpriv_tmp, unpriv_user, unionfs):
+    """Rootless, a copied-up symlink carries no origin xattr (user.* xattrs are refused on
+    symlinks), so its number changes; its other name must still be found (was ESTALE)."""
+    from support import chown_tree, run_as
+
+    lower, upper = unpriv_tmp / "lower", unpriv_tmp / "upper"
+    lower.mkdir()
+    upper.mkdir()
+    os.symlink("target", lower / "s")
+    chown_tree(unpriv_tmp, unpriv_user.uid, unpriv_user.gid)
+    m = unionfs([lower], upper, user=unpriv_user)
+    assert run_as(unpriv_user, _link_symlink_then_unlink, str(m.mnt)) == (True, "target")

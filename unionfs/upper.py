@@ -144,6 +144,7 @@ class Upper:
         in_upper = node.layer == 0
         if not node.is_dir:
             in_upper = await self._up_if_hard_linked(node, parent, name)
+        gone = None if node.is_dir else self.stack.lstat(node.layer, path, name)
         pfd = self.stack.dirfd(0, path)
         whiteout = self.lower_has(parent, name)
         if in_upper and whiteout and self.writer.fmt == "kernel":
@@ -162,7 +163,7 @@ class Upper:
         if node.is_dir:
             self.stack.forget_dir(0, (*path, name))
         self.table.unlink_name(parent, name)
-        await self._detach(node, parent, name)
+        await self._detach(node, parent, name, gone)
         return node
 
     async def _up_if_hard_linked(self, node: Node, parent: Node, name: bytes) -> bool:
@@ -181,8 +182,11 @@ class Upper:
             return True
         return False
 
-    async def _detach(self, node: Node, parent: Node, name: bytes) -> None:
-        """``parent/name`` no longer names ``node``: serve it by another of its names."""
+    async def _detach(
+        self, node: Node, parent: Node, name: bytes, gone: os.stat_result | None
+    ) -> None:
+        """``parent/name`` (which was ``gone``) no longer names ``node``: serve it by
+        another of its names."""
 
         def still_names(p: Node, n: bytes) -> bool:
             assert p.dir_layers is not None
@@ -190,7 +194,11 @@ class Upper:
                 entry = self.stack.lookup(p.path(), p.dir_layers, p.xwh_layers, n)
             except OSError:
                 return False
-            return entry is not None and self.table.number_of(entry) == node.ino
+            if entry is None:
+                return False
+            if entry.layer == 0 and gone is not None:  # the same upper file, whatever its number
+                return (entry.st.st_dev, entry.st.st_ino) == (gone.st_dev, gone.st_ino)
+            return self.table.number_of(entry) == node.ino
 
         self.table.detach(node, parent, name, still_names)
         if not node.unlinked and node.layer == 0 and not node.is_dir:
@@ -281,6 +289,9 @@ class Upper:
         await self.copyup.ensure_dir(new_parent)
         if dst is not None and not dst.is_dir:
             await self._up_if_hard_linked(dst, new_parent, new)
+        dst_gone = None
+        if dst is not None and not dst.is_dir:
+            dst_gone = self.stack.lstat(dst.layer, new_parent.path(), new)
         old_path, new_path = old_parent.path(), new_parent.path()
         ofd, nfd = self.stack.dirfd(0, old_path), self.stack.dirfd(0, new_path)
         leave_whiteout = self.lower_has(old_parent, old)
@@ -318,7 +329,7 @@ class Upper:
         self.table.unlink_name(new_parent, new)
         self.table.unlink_name(old_parent, old)
         if dst is not None:
-            await self._detach(dst, new_parent, new)
+            await self._detach(dst, new_parent, new, dst_gone)
         self.table.move(src, (old_parent, old), new_parent, new)
 
     async def _exchange(

@@ -287,10 +287,9 @@ class Upper:
 
         await self._to_upper(src, old_parent, old)
         await self.copyup.ensure_dir(new_parent)
-        if dst is not None and not dst.is_dir:
-            await self._up_if_hard_linked(dst, new_parent, new)
         dst_gone = None
         if dst is not None and not dst.is_dir:
+            await self._up_if_hard_linked(dst, new_parent, new)
             dst_gone = self.stack.lstat(dst.layer, new_parent.path(), new)
         old_path, new_path = old_parent.path(), new_parent.path()
         ofd, nfd = self.stack.dirfd(0, old_path), self.stack.dirfd(0, new_path)

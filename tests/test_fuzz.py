@@ -25,7 +25,8 @@ or errno) and after every step the whole merged view must be the same.
 
 The default profile (3 x 15 examples of 25 steps, ~30 s) draws the same
 examples every run, so CI fails only when a change breaks something;
-``UNIONFS_SOAK=<seconds>`` draws new, longer examples until the time is spent.  A failure prints the minimal sequence of steps that reproduces it.
+``UNIONFS_SOAK=<seconds>`` draws new, longer examples until the time is
+spent.  A failure prints the minimal sequence of steps that reproduces it.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ import errno
 import os
 import shutil
 import stat
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -303,3 +304,71 @@ def test_root_mount_keeps_other_users_to_their_rights(tmp, unpriv_user, unionfs,
     )
     assert os.stat(tmp / "u-upper" / "tmp" / "mine").st_uid == unpriv_user.uid
     assert stat.S_IMODE(os.stat(tmp / "u-upper" / "tmp").st_mode) == 0o1777
+
+
+# --------------------------------------------------------------------------- ACLs and umask
+
+
+def _acl_session(mnt: str) -> dict[str, object]:
+    """As the mounter (root): new objects under umask 0, 022, 077 and under a default ACL."""
+    out: dict[str, object] = {}
+    old = os.umask(0)
+    try:
+        for mask in (0, 0o022, 0o077):
+            os.umask(mask)
+            f = os.path.join(mnt, f"file-{mask:o}")
+            os.close(os.open(f, os.O_CREAT | os.O_WRONLY, 0o666))
+            os.mkdir(os.path.join(mnt, f"dir-{mask:o}"), 0o777)
+            out[f"file-{mask:o}"] = oct(os.stat(f).st_mode)
+            out[f"dir-{mask:o}"] = oct(os.stat(os.path.join(mnt, f"dir-{mask:o}")).st_mode)
+        os.umask(0o077)
+        inherit = os.path.join(mnt, "inherit")
+        os.mkdir(inherit, 0o755)
+        subprocess.run(["setfacl", "-d", "-m", "u:nobody:rwx", inherit], check=True)
+        os.close(os.open(os.path.join(inherit, "f"), os.O_CREAT | os.O_WRONLY, 0o666))
+        os.mkdir(os.path.join(inherit, "d"), 0o777)
+        for n in ("f", "d"):
+            p = os.path.join(inherit, n)
+            out[f"inherit/{n}"] = oct(os.stat(p).st_mode)
+            acl = subprocess.run(["getfacl", "-c", "-n", p], capture_output=True, text=True)
+            out[f"inherit/{n} acl"] = acl.stdout
+    finally:
+        os.umask(old)
+    return out
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except OSError as e:
+        return errno.errorcode[e.errno]
+
+
+@pytest.mark.skipif(shutil.which("setfacl") is None, reason="setfacl (package acl) missing")
+def test_acls_and_umask_as_the_kernel(tmp, unpriv_user, unionfs, kernel_overlay):
+    """An ACL on a lower file grants access through the mount (mode bits alone would
+    refuse it); new objects get the caller's umask, or the parent's default ACL instead,
+    exactly as on kernel overlayfs."""
+    import subprocess as sp
+
+    from support import run_as
+
+    mounts = []
+    for side in ("u", "k"):
+        lower = tmp / f"{side}-lower"
+        lower.mkdir()
+        (lower / "granted").write_text("by an ACL\n")
+        os.chmod(lower / "granted", 0o600)
+        sp.run(["setfacl", "-m", f"u:{unpriv_user.uid}:r", str(lower / "granted")], check=True)
+        (tmp / f"{side}-upper").mkdir()
+        if side == "u":
+            mounts.append(unionfs([lower], tmp / "u-upper"))
+        else:
+            mounts.append(kernel_overlay([lower], tmp / "k-upper"))
+    got, want = (run_as(unpriv_user, _read, str(m.mnt / "granted")) for m in mounts)
+    assert got == want == "by an ACL\n"
+    got, want = (_acl_session(str(m.mnt)) for m in mounts)
+    assert got == want
+    assert got["file-0"] == oct(0o100666) and got["file-77"] == oct(0o100600)
+    assert "user:65534:rwx" in str(got["inherit/f acl"])

@@ -27,8 +27,30 @@ typedef struct fuse_session *(*session_new_fn)(struct fuse_args *,
 
 static int enabled;
 static int used;
+static int acl_wanted;
+static int acl_used;
 static struct fuse_lowlevel_ops patched;
 static void (*inner_opendir)(fuse_req_t, fuse_ino_t, struct fuse_file_info *);
+static void (*inner_init)(void *, struct fuse_conn_info *);
+
+/*
+ * POSIX ACLs (FUSE_CAP_POSIX_ACL), which pyfuse3 cannot ask for either: the
+ * kernel then checks ACLs, not only mode bits, under default_permissions, and
+ * caches them per inode.  With DONT_MASK it sends the caller's umask instead
+ * of applying it, and the daemon applies it unless the parent directory has
+ * a default ACL (operations.py), as a local filesystem does.
+ */
+static void acl_init(void *userdata, struct fuse_conn_info *conn)
+{
+    if (inner_init != NULL)
+        inner_init(userdata, conn);
+    if ((conn->capable & FUSE_CAP_POSIX_ACL) && (conn->capable & FUSE_CAP_DONT_MASK)) {
+        /* DONT_MASK: the kernel sends the umask, the daemon applies it unless
+         * a default ACL rules (as a local filesystem does). */
+        conn->want |= FUSE_CAP_POSIX_ACL | FUSE_CAP_DONT_MASK;
+        acl_used = 1;
+    }
+}
 
 static void caching_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
@@ -49,13 +71,19 @@ struct fuse_session *fuse_session_new(struct fuse_args *args,
         if (real == NULL)
             return NULL;
     }
-    if (enabled && op != NULL && op->opendir != NULL && op_size <= sizeof(patched)) {
+    if ((enabled || acl_wanted) && op != NULL && op_size <= sizeof(patched)) {
         memset(&patched, 0, sizeof(patched));
         memcpy(&patched, op, op_size);
-        inner_opendir = op->opendir;
-        patched.opendir = caching_opendir;
+        if (enabled && op->opendir != NULL) {
+            inner_opendir = op->opendir;
+            patched.opendir = caching_opendir;
+            used = 1;
+        }
+        if (acl_wanted) {
+            inner_init = op->init;
+            patched.init = acl_init;
+        }
         op = &patched;
-        used = 1;
     }
     return real(args, op, op_size, userdata);
 }
@@ -71,9 +99,22 @@ static PyObject *active(PyObject *self, PyObject *unused)
     return PyBool_FromLong(used);
 }
 
+static PyObject *enable_acl(PyObject *self, PyObject *unused)
+{
+    acl_wanted = 1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *acl_active(PyObject *self, PyObject *unused)
+{
+    return PyBool_FromLong(acl_used);
+}
+
 static PyMethodDef methods[] = {
     {"enable", enable, METH_NOARGS, "Cache directory listings in the kernel from now on."},
     {"active", active, METH_NOARGS, "Did a session start with the cache on?"},
+    {"enable_acl", enable_acl, METH_NOARGS, "Ask the kernel for POSIX ACL handling."},
+    {"acl_active", acl_active, METH_NOARGS, "Did the kernel grant POSIX ACL handling?"},
     {NULL, NULL, 0, NULL},
 };
 

@@ -70,6 +70,16 @@ def enable_kernel_dircache() -> bool:
     return True
 
 
+def enable_posix_acl() -> bool:
+    """Ask the kernel to enforce and cache POSIX ACLs (see unionfs/_dircache.c)."""
+    try:
+        from . import _dircache  # type: ignore[attr-defined]
+    except ImportError:
+        return False
+    _dircache.enable_acl()
+    return True
+
+
 def _dircache_active() -> bool:
     try:
         from . import _dircache  # type: ignore[attr-defined]
@@ -239,6 +249,11 @@ def main(argv: list[str] | None = None) -> int:
     _raise_fd_limit()
     if cfg.dircache:
         enable_kernel_dircache()
+    if cfg.acl:
+        enable_posix_acl()
+    # New objects get exactly the mode the kernel sends, less the caller's umask
+    # (operations.py), never the daemon's own.
+    os.umask(0)
     ready_fd = None if cfg.foreground else _daemonize()
     _setup_logging(cfg, daemon=ready_fd is not None)
     daemon = Daemon(cfg)

@@ -54,6 +54,21 @@ def _guard(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def _masked(mode: int, ctx: pyfuse3.RequestContext, dir_fd: int) -> int:
+    """The permission bits of a new object, as the kernel gives them on its own files.
+
+    The caller's umask applies unless the directory has a default ACL, which
+    the upper's filesystem then applies itself (the daemon's own umask is 0).
+    With POSIX ACLs on (and DONT_MASK), the kernel sends the umask instead of
+    applying it; without, it has applied it already and this changes nothing.
+    """
+    try:
+        os.getxattr(b"/proc/self/fd/%d" % dir_fd, "system.posix_acl_default")
+    except OSError:
+        return stat_mod.S_IMODE(mode) & ~ctx.umask
+    return stat_mod.S_IMODE(mode)
+
+
 @dataclass(slots=True)
 class FileHandle:
     """An open file: the real descriptor and the layer it was opened in."""
@@ -416,7 +431,7 @@ class UnionOperations(pyfuse3.Operations):
             name,
             ctx,
             False,
-            lambda d, n: os.open(n, oflags, stat_mod.S_IMODE(mode), dir_fd=d),
+            lambda d, n: os.open(n, oflags, _masked(mode, ctx, d), dir_fd=d),
         )
         assert fd is not None
         return self._file_info(node, fd), attrs
@@ -426,7 +441,7 @@ class UnionOperations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         def make(d: int, n: bytes) -> None:
-            os.mkdir(n, stat_mod.S_IMODE(mode), dir_fd=d)
+            os.mkdir(n, _masked(mode, ctx, d), dir_fd=d)
 
         return (await self._new(parent_inode, name, ctx, True, make))[1]
 
@@ -438,7 +453,7 @@ class UnionOperations(pyfuse3.Operations):
             raise OSError(errno.EPERM, "a char device 0/0 is a whiteout")
 
         def make(d: int, n: bytes) -> None:
-            os.mknod(n, mode, rdev, dir_fd=d)
+            os.mknod(n, stat_mod.S_IFMT(mode) | _masked(mode, ctx, d), rdev, dir_fd=d)
 
         return (await self._new(parent_inode, name, ctx, False, make))[1]
 

@@ -65,6 +65,7 @@ class MountConfig:
     fsname: str = "unionfs"
     read_ahead_kb: int | None = 1024
     dircache: bool = True
+    acl: bool = True
     kernel_flags: list[str] = field(default_factory=list)
 
     def fuse_options(self, is_root: bool) -> set[str]:
@@ -166,6 +167,8 @@ def build_config(
             cfg.allow_other = False
         elif flag == "nodircache":
             cfg.dircache = False
+        elif flag == "noacl":
+            cfg.acl = False
         elif flag in ("debug",):
             cfg.debug = True
         elif flag == "default_permissions":

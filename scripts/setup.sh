@@ -26,7 +26,8 @@ if [ ${#need_apt[@]} -gt 0 ]; then
 fi
 
 venv="$top/.venv"
-stamp="$venv/.installed-$( (cat "$top/pyproject.toml"; echo "$PY") | sha1sum | cut -c1-12)"
+# The C helper is built at install time: a change to it re-installs too.
+stamp="$venv/.installed-$( (cat "$top/pyproject.toml" "$top/setup.py" "$top"/unionfs/*.c; echo "$PY") | sha1sum | cut -c1-12)"
 if [ ! -e "$stamp" ]; then
   echo "setup: creating $venv" >&2
   rm -rf "$venv"

@@ -28,7 +28,6 @@ typedef struct fuse_session *(*session_new_fn)(struct fuse_args *,
 static int enabled;
 static int used;
 static int acl_wanted;
-static int acl_used;
 static struct fuse_lowlevel_ops patched;
 static void (*inner_opendir)(fuse_req_t, fuse_ino_t, struct fuse_file_info *);
 static void (*inner_init)(void *, struct fuse_conn_info *);
@@ -48,7 +47,6 @@ static void acl_init(void *userdata, struct fuse_conn_info *conn)
         /* DONT_MASK: the kernel sends the umask, the daemon applies it unless
          * a default ACL rules (as a local filesystem does). */
         conn->want |= FUSE_CAP_POSIX_ACL | FUSE_CAP_DONT_MASK;
-        acl_used = 1;
     }
 }
 
@@ -105,16 +103,10 @@ static PyObject *enable_acl(PyObject *self, PyObject *unused)
     Py_RETURN_NONE;
 }
 
-static PyObject *acl_active(PyObject *self, PyObject *unused)
-{
-    return PyBool_FromLong(acl_used);
-}
-
 static PyMethodDef methods[] = {
     {"enable", enable, METH_NOARGS, "Cache directory listings in the kernel from now on."},
     {"active", active, METH_NOARGS, "Did a session start with the cache on?"},
     {"enable_acl", enable_acl, METH_NOARGS, "Ask the kernel for POSIX ACL handling."},
-    {"acl_active", acl_active, METH_NOARGS, "Did the kernel grant POSIX ACL handling?"},
     {NULL, NULL, 0, NULL},
 };
 

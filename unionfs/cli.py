@@ -17,6 +17,7 @@ import os
 import resource
 import signal
 import sys
+from typing import Any
 
 import pyfuse3
 import trio
@@ -56,36 +57,37 @@ def parse_args(argv: list[str]) -> MountConfig:
     return build_config(args.paths, args.options, args.foreground or args.debug, args.debug)
 
 
-def enable_kernel_dircache() -> bool:
-    """Let the kernel cache directory listings (see unionfs/_dircache.c).
+def _session_helper() -> Any:
+    """The C session helper (unionfs/_dircache.c), or None when it was not built.
 
-    The helper was loaded by the package before pyfuse3; this switches it
-    on.  Returns False when it was not built: the mount works without it.
+    The package loaded it before pyfuse3; the mount works without it.
     """
     try:
         from . import _dircache  # type: ignore[attr-defined]
     except ImportError:
-        return False
-    _dircache.enable()
-    return True
+        return None
+    return _dircache
+
+
+def enable_kernel_dircache() -> bool:
+    """Let the kernel cache directory listings; False when the helper is missing."""
+    helper = _session_helper()
+    if helper is not None:
+        helper.enable()
+    return helper is not None
 
 
 def enable_posix_acl() -> bool:
-    """Ask the kernel to enforce and cache POSIX ACLs (see unionfs/_dircache.c)."""
-    try:
-        from . import _dircache  # type: ignore[attr-defined]
-    except ImportError:
-        return False
-    _dircache.enable_acl()
-    return True
+    """Ask the kernel to enforce and cache POSIX ACLs; False when the helper is missing."""
+    helper = _session_helper()
+    if helper is not None:
+        helper.enable_acl()
+    return helper is not None
 
 
 def _dircache_active() -> bool:
-    try:
-        from . import _dircache  # type: ignore[attr-defined]
-    except ImportError:
-        return False
-    return bool(_dircache.active())
+    helper = _session_helper()
+    return helper is not None and bool(helper.active())
 
 
 def _raise_fd_limit() -> None:

@@ -120,6 +120,18 @@ class Node:
         return f"<Node {self.ino} {b'/'.join(self.path())!r} layer={self.layer}>"
 
 
+def _addressed_by(node: Node, parent: Node | None, name: bytes) -> bool:
+    """Is ``parent/name`` the name the daemon reaches ``node`` by?"""
+    return node.parent is parent and node.name == name
+
+
+def _without(
+    aliases: list[tuple[Node, bytes]] | None, parent: Node | None, name: bytes
+) -> list[tuple[Node, bytes]]:
+    """``aliases`` less ``parent/name`` (a new list)."""
+    return [(p, n) for p, n in aliases or () if not (p is parent and n == name)]
+
+
 #: Shared by every non-directory: saves a dict per file node.  Never written
 #: to, because only directories are ever parents.
 _NO_CHILDREN: dict[bytes, Node] = {}
@@ -211,7 +223,7 @@ class InodeTable:
 
     def readdress(self, node: Node, parent: Node, name: bytes) -> None:
         """Address ``node`` by ``parent/name``, keeping a hard link's other name."""
-        if node.parent is not parent or node.name != name:
+        if not _addressed_by(node, parent, name):
             old = (node.parent, node.name)
             node.parent, node.name = parent, name
             if not node.is_dir and not node.unlinked and old[0] is not None:
@@ -220,13 +232,11 @@ class InodeTable:
 
     def add_alias(self, node: Node, parent: Node, name: bytes) -> None:
         """Remember another name of a hard-linked ``node`` (a few at most)."""
-        if node.is_dir or (node.parent is parent and node.name == name):
+        if node.is_dir or _addressed_by(node, parent, name):
             return
-        aliases = node.aliases or []
-        if not any(p is parent and n == name for p, n in aliases):
-            aliases.append((parent, name))
-            del aliases[:-_MAX_ALIASES]
-        node.aliases = aliases
+        aliases = _without(node.aliases, parent, name)
+        aliases.append((parent, name))
+        node.aliases = aliases[-_MAX_ALIASES:]
 
     def detach(
         self, node: Node, parent: Node, name: bytes, still_names: Callable[[Node, bytes], bool]
@@ -234,20 +244,20 @@ class InodeTable:
         """``parent/name`` no longer names ``node`` (unlinked or replaced).
 
         A node addressed by that name moves to another of its names that
-        ``still_names`` confirms (in the merged view), or is marked unlinked: its old name may now
-        hold a whiteout (whose type change the kernel answers with EIO) or a
-        new object (which must not be changed in its stead).
+        ``still_names`` confirms (in the merged view), or is marked unlinked:
+        its old name may now hold a whiteout (whose type change the kernel
+        answers with EIO) or a new object (which must not be changed in its
+        stead).
         """
         if node.is_dir:
             return
-        aliases = [(p, n) for p, n in node.aliases or () if not (p is parent and n == name)]
-        node.aliases = aliases or None
-        if not (node.parent is parent and node.name == name):
+        node.aliases = _without(node.aliases, parent, name) or None
+        if not _addressed_by(node, parent, name):
             return
-        for p, n in aliases:
+        for p, n in node.aliases or ():
             if still_names(p, n):
                 node.parent, node.name = p, n
-                node.aliases = [a for a in aliases if a[0] is not p or a[1] != n] or None
+                node.aliases = _without(node.aliases, p, n) or None
                 if self._nodes.get(node.ino) is node:
                     p.children[n] = node
                 return
@@ -266,9 +276,8 @@ class InodeTable:
         A hard link renamed under another of its names keeps its address and
         has that other name changed in its aliases.
         """
-        if not node.is_dir and not (node.parent is old[0] and node.name == old[1]):
-            aliases = [a for a in node.aliases or () if not (a[0] is old[0] and a[1] == old[1])]
-            node.aliases = aliases
+        if not node.is_dir and not _addressed_by(node, *old):
+            node.aliases = _without(node.aliases, *old)
             self.add_alias(node, parent, name)
         else:
             node.parent, node.name = parent, name

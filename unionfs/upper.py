@@ -201,11 +201,9 @@ class Upper:
             return self.table.number_of(entry) == node.ino
 
         self.table.detach(node, parent, name, still_names)
-        if not node.unlinked and node.layer == 0 and not node.is_dir:
-            assert node.parent is not None
-            if self.stack.lstat(0, node.dirpath(), node.name) is None:
-                # A lower name of the copied-up file: one more link to the copy.
-                await self.link_alias(node.parent, node.name, node)
+        if not node.is_dir and not node.unlinked and node.layer == 0 and node.parent is not None:
+            # Its new name may be a lower name of the copy: linked to the copy.
+            await self._to_upper(node, node.parent, node.name)
 
     def _work_whiteout(self) -> bytes:
         tmp = self.copyup.temp_name()

@@ -143,6 +143,22 @@ class Inode:
         return {"file": stat.S_IFREG, "dir": stat.S_IFDIR, "symlink": stat.S_IFLNK}[self.kind]
 
 
+def _resize(data: bytearray, size: int) -> None:
+    """truncate(2): cut, or extend with zeros."""
+    if size <= len(data):
+        del data[size:]
+    else:
+        data.extend(bytes(size - len(data)))
+
+
+def _write(data: bytearray, offset: int, payload: bytes) -> None:
+    """pwrite(2): a hole up to ``offset`` reads as zeros; an empty write changes nothing."""
+    if payload:
+        if len(data) < offset:
+            _resize(data, offset)
+        data[offset : offset + len(payload)] = payload
+
+
 def _err(code: int) -> OSError:
     return OSError(code, os.strerror(code))
 
@@ -331,11 +347,7 @@ class Model:
 
     def write_at(self, path: str, offset: int, data: bytes) -> int:
         node = self._open_write(path)
-        if not data:
-            return 0
-        if len(node.data) < offset:
-            node.data.extend(b"\0" * (offset - len(node.data)))
-        node.data[offset : offset + len(data)] = data
+        _write(node.data, offset, data)
         return len(data)
 
     def append(self, path: str, data: bytes) -> int:
@@ -347,10 +359,7 @@ class Model:
         node = self._existing(path)
         if node.is_dir:
             raise _err(errno.EISDIR)
-        if size <= len(node.data):
-            del node.data[size:]
-        else:
-            node.data.extend(b"\0" * (size - len(node.data)))
+        _resize(node.data, size)
 
     def read(self, path: str) -> bytes:
         node = self._existing(path)
@@ -492,20 +501,14 @@ class Model:
             raise _err(errno.EBADF)
         if mode == "a":
             offset = len(node.data)  # pwrite on O_APPEND appends (Linux)
-        if data:
-            if len(node.data) < offset:
-                node.data.extend(b"\0" * (offset - len(node.data)))
-            node.data[offset : offset + len(data)] = data
+        _write(node.data, offset, data)
         return len(data)
 
     def fd_truncate(self, slot: int, size: int) -> None:
         node, mode = self._fd(slot)
         if mode == "r" or node.is_dir:
             raise _err(errno.EINVAL)
-        if size <= len(node.data):
-            del node.data[size:]
-        else:
-            node.data.extend(b"\0" * (size - len(node.data)))
+        _resize(node.data, size)
 
     def fd_stat(self, slot: int) -> tuple:
         node, _ = self._fd(slot)

@@ -60,6 +60,8 @@ def test_forms():
         (["a", "m"], ["lowerdir=l"], "only the mount point"),
         (["a", "b", "c", "d"], [], "usage"),
         (["l", "m"], ["workdir=w"], "needs an upper"),
+        (["l", "m"], ["volatile"], "volatile needs a writable upper"),
+        (["l", "u", "m"], ["volatile", "ro"], "volatile needs a writable upper"),
     ],
 )
 def test_bad_options(positional, opts, fragment):

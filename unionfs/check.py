@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from . import markers
-from .options import default_workdir
+from .options import default_workdir, volatile_marker
 
 OK, REPAIRED, LEFT, FAILED = 0, 1, 4, 8
 
@@ -28,7 +28,7 @@ class Problem:
 
     path: str
     what: str
-    repair: Callable[[], None]
+    repair: Callable[[], None] | None  # None: only a person can decide
 
 
 def _xattrs(path: str) -> dict[bytes, bytes]:
@@ -62,9 +62,19 @@ def _remove_xattr(path: str, name: bytes) -> Callable[[], None]:
 def check_workdir(workdir: str) -> Iterator[Problem]:
     """Copy-up leftovers in work/, and index entries no upper name links to."""
     work = os.path.join(workdir, "work")
+    volatile = volatile_marker(workdir)
+    if os.path.isdir(volatile):
+        yield Problem(
+            volatile,
+            "a -o volatile mount did not end cleanly: files written through it may be"
+            " incomplete (start from a new upper, or remove this if the system did not crash)",
+            None,
+        )
     if os.path.isdir(work):
         for name in sorted(os.listdir(work)):
             path = os.path.join(work, name)
+            if path == os.path.dirname(volatile) and os.path.isdir(volatile):
+                continue
             yield Problem(path, "leftover of an interrupted operation", _remove_tree(path))
     index = os.path.join(workdir, "index")
     if os.path.isdir(index):
@@ -151,6 +161,10 @@ def main(argv: list[str] | None = None) -> int:
         return LEFT
     failed = 0
     for p in problems:
+        if p.repair is None:
+            failed += 1
+            print(f"{p.path}: not repaired: needs your decision", file=sys.stderr)
+            continue
         try:
             p.repair()
         except OSError as e:

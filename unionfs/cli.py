@@ -28,7 +28,8 @@ from .inodes import InodeTable
 from .layers import LayerStack
 from .markers import Writer, probe_opaque, probe_whiteout
 from .operations import UnionOperations
-from .options import ConfigError, MountConfig, build_config, check_paths
+from .options import ConfigError, MountConfig, build_config, check_paths, volatile_marker
+from .syscalls import syncfs
 from .upper import Upper
 
 log = logging.getLogger("unionfs")
@@ -133,7 +134,7 @@ class Daemon:
             if cfg.upper is not None and not cfg.read_only:
                 assert cfg.workdir is not None
                 writer = Writer(cfg.whiteout, ns)
-                self.copyup = CopyUp(self.stack, cfg.workdir, writer)
+                self.copyup = CopyUp(self.stack, cfg.workdir, writer, durable=not cfg.volatile)
                 work_fd = self.copyup.work_fd
                 if writer.fmt == "kernel" and not (
                     probe_whiteout(work_fd) and probe_opaque(writer, work_fd)
@@ -187,12 +188,43 @@ class Daemon:
             os.close(ready_fd)
 
     def serve(self, ready_fd: int | None = None) -> None:
+        marker = self._mark_volatile()
         try:
             trio.run(self._serve, ready_fd)
         finally:
             pyfuse3.close(unmount=self.stopped_by_signal)
             self.ops.close()
+            if marker is not None:
+                self._sync_volatile(marker)
             self._close_branches()
+
+    def _mark_volatile(self) -> str | None:
+        """Under -o volatile, leave a marker that only a synced, clean end removes."""
+        if not self.cfg.volatile or self.cfg.workdir is None:
+            return None
+        marker = volatile_marker(self.cfg.workdir)
+        os.makedirs(marker, mode=0o700, exist_ok=True)
+        return marker
+
+    def _sync_volatile(self, marker: str) -> None:
+        """One syncfs of the upper for all the syncs skipped; then drop the marker.
+
+        Unlike kernel overlayfs, which keeps the marker for good, a clean
+        unmount here knows everything written reached the disk.
+        """
+        assert self.stack.upper is not None
+        try:
+            fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY, dir_fd=self.stack.upper.fd)
+            try:
+                syncfs(fd)  # not on the O_PATH descriptor: EBADF
+            finally:
+                os.close(fd)
+            os.rmdir(marker)
+        except OSError as e:
+            log.error("volatile mount: %s; %s stays", e.strerror, marker)
+            return
+        with contextlib.suppress(OSError):
+            os.rmdir(os.path.dirname(marker))
 
 
 def set_read_ahead(dev: int, kib: int | None) -> None:

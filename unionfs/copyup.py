@@ -4,7 +4,9 @@ A copy-up is atomic.  The copy is built under ``<workdir>/work/`` (same
 filesystem as the upper), given its data, xattrs, owner, mode and times,
 fsync'd, and only then renamed into place: a crash or SIGKILL at any moment
 leaves either the lower object visible (and a leftover in ``work/``, removed
-at the next mount) or the complete copy, never a partial file.
+at the next mount) or the complete copy, never a partial file.  Under
+``-o volatile`` (``durable=False``) the fsync is skipped, as kernel overlayfs
+skips it: still atomic against a killed daemon, not against a power cut.
 
 Data moves as cheaply as the system allows: a reflink (FICLONE) first, then
 ``copy_file_range`` over the data extents only (SEEK_DATA/SEEK_HOLE), so
@@ -106,10 +108,13 @@ def copy_xattrs(src: bytes, dst: bytes, follow: bool = True) -> None:
 class CopyUp:
     """Copies lower objects into the upper, through the work directory."""
 
-    def __init__(self, stack: LayerStack, workdir: str, writer: Writer) -> None:
+    def __init__(
+        self, stack: LayerStack, workdir: str, writer: Writer, durable: bool = True
+    ) -> None:
         assert stack.upper is not None
         self.stack = stack
         self.writer = writer
+        self.durable = durable
         work = os.path.join(workdir, "work")
         os.makedirs(work, mode=0o700, exist_ok=True)
         self.work_dir = os.fsencode(work)
@@ -326,9 +331,9 @@ class CopyUp:
                 elif with_data:
                     copy_data(src, dst, st.st_size)
                 self.set_meta(tmp, st, b"/proc/self/fd/%d" % src, origin)
-                if with_data and st.st_size > THREAD_THRESHOLD:
+                if self.durable and with_data and st.st_size > THREAD_THRESHOLD:
                     await trio.to_thread.run_sync(os.fsync, dst)
-                else:
+                elif self.durable:
                     os.fsync(dst)
             finally:
                 os.close(dst)

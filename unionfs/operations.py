@@ -304,6 +304,8 @@ class UnionOperations(pyfuse3.Operations):
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
         """Make the upper directory's entries durable (renames, creates, whiteouts)."""
         node = self._dirs[fh].node
+        if self.config.volatile:
+            return  # -o volatile: no sync reaches the upper (kernel overlayfs' rule)
         if self.upper is None or not node.dir_layers or node.dir_layers[0] != 0:
             return
         fd = os.open(
@@ -363,6 +365,8 @@ class UnionOperations(pyfuse3.Operations):
     @_guard
     async def fsync(self, fh: int, datasync: bool) -> None:
         fd = self._files[fh].fd
+        if self.config.volatile:
+            return  # -o volatile: no sync reaches the upper (kernel overlayfs' rule)
         if datasync:
             os.fdatasync(fd)
         else:

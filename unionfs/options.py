@@ -66,6 +66,7 @@ class MountConfig:
     read_ahead_kb: int | None = 1024
     dircache: bool = True
     acl: bool = True
+    volatile: bool = False
     kernel_flags: list[str] = field(default_factory=list)
 
     def fuse_options(self, is_root: bool) -> set[str]:
@@ -169,6 +170,8 @@ def build_config(
             cfg.dircache = False
         elif flag == "noacl":
             cfg.acl = False
+        elif flag == "volatile":
+            cfg.volatile = True
         elif flag in ("debug",):
             cfg.debug = True
         elif flag == "default_permissions":
@@ -225,6 +228,8 @@ def build_config(
         cfg.read_only = True
     if cfg.workdir is not None and cfg.upper is None:
         raise ConfigError("-o workdir= needs an upper directory", 2)
+    if cfg.volatile and cfg.read_only:
+        raise ConfigError("-o volatile needs a writable upper directory", 2)
     return cfg
 
 
@@ -242,6 +247,16 @@ def default_workdir(upper: str) -> str:
     upper = upper.rstrip("/") or "/"
     parent, base = os.path.split(upper)
     return os.path.join(parent, f".{base}.unionfs-work")
+
+
+def volatile_marker(workdir: str) -> str:
+    """The directory a ``-o volatile`` mount leaves until it has synced the upper.
+
+    Kernel overlayfs' path: ``<workdir>/work/incompat/volatile``.  Its presence
+    at mount time means a volatile mount ended without syncing (a crash, a
+    killed daemon), so files written through it may be incomplete.
+    """
+    return os.path.join(workdir, "work", "incompat", "volatile")
 
 
 def check_paths(cfg: MountConfig, is_root: bool | None = None) -> None:
@@ -334,3 +349,9 @@ def _check_workdir(cfg: MountConfig, branches: list[str]) -> None:
     if os.stat(parent).st_dev != os.stat(cfg.upper).st_dev:
         raise ConfigError(f"work dir {work!r} must be on the same filesystem as the upper")
     cfg.workdir = work
+    if os.path.isdir(volatile_marker(work)):
+        raise ConfigError(
+            f"the upper was mounted with -o volatile and that mount did not end cleanly, so"
+            f" what was written through it may be incomplete: start from a new upper and work"
+            f" dir, or remove {volatile_marker(work)!r} if the system did not crash"
+        )

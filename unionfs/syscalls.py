@@ -1,4 +1,4 @@
-"""System calls the standard library lacks: ``renameat2`` and ``FICLONE``.
+"""System calls the standard library lacks: ``renameat2``, ``syncfs`` and ``FICLONE``.
 
 ``renameat2`` gives the atomic steps the write path is built on: EXCHANGE
 (swap a finished directory with a whiteout in one step), NOREPLACE, and
@@ -29,3 +29,15 @@ def renameat2(olddirfd: int, oldname: bytes, newdirfd: int, newname: bytes, flag
     if _renameat2(olddirfd, oldname, newdirfd, newname, flags) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err), oldname, None, newname)
+
+
+_syncfs = _libc.syncfs
+_syncfs.argtypes = [ctypes.c_int]
+_syncfs.restype = ctypes.c_int
+
+
+def syncfs(fd: int) -> None:
+    """Write out the whole filesystem holding ``fd`` (one call, not an fsync per file)."""
+    if _syncfs(fd) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import subprocess
 import time
@@ -15,13 +16,12 @@ from support import is_mounted, unionfs_command, unionfs_mount
 pytestmark = pytest.mark.skipif(not enable_kernel_dircache(), reason="_dircache not built")
 
 
-def _count_readdirs(tmp_path, opts: list[str]) -> int:
+def _count_requests(tmp_path, opts: list[str], opcode: str, fill, use) -> int:
+    """Mount with ``-d`` over ``fill(lower)``, run ``use(mnt)``, count ``opcode`` requests."""
     lower, upper, mnt = tmp_path / "lower", tmp_path / "upper", tmp_path / "mnt"
     for d in (lower, upper, mnt):
         d.mkdir(parents=True)
-    for i in range(20):
-        (lower / f"d{i}").mkdir(exist_ok=True)
-        (lower / f"d{i}" / "f").write_text("f")
+    fill(lower)
     log = tmp_path / "trace.log"
     with open(log, "w") as err:
         proc = subprocess.Popen(
@@ -32,20 +32,75 @@ def _count_readdirs(tmp_path, opts: list[str]) -> int:
         while not is_mounted(mnt):
             assert proc.poll() is None and time.monotonic() < deadline
             time.sleep(0.02)
-        for _ in range(3):
-            for i in range(20):
-                os.listdir(mnt / f"d{i}")
+        use(mnt)
     finally:
         subprocess.run(["fusermount3", "-u", str(mnt)], check=False)
         proc.wait(timeout=15)
-    return log.read_text().count("opcode: READDIRPLUS")
+    return log.read_text().count(f"opcode: {opcode}")
+
+
+def _twenty_dirs(lower) -> None:
+    for i in range(20):
+        (lower / f"d{i}").mkdir()
+        (lower / f"d{i}" / "f").write_text("f")
+
+
+def _list_three_times(mnt) -> None:
+    for _ in range(3):
+        for i in range(20):
+            os.listdir(mnt / f"d{i}")
 
 
 def test_repeated_listings_are_served_by_the_kernel(tmp_path):
-    cached = _count_readdirs(tmp_path / "a", [])
-    uncached = _count_readdirs(tmp_path / "b", ["-o", "nodircache"])
+    count = functools.partial(
+        _count_requests, opcode="READDIRPLUS", fill=_twenty_dirs, use=_list_three_times
+    )
+    cached = count(tmp_path / "a", [])
+    uncached = count(tmp_path / "b", ["-o", "nodircache"])
     assert uncached >= 3 * 20, "without the cache every listing asks the daemon"
     assert cached <= uncached / 2, (cached, uncached)
+
+
+def _twenty_symlinks(lower) -> None:
+    for i in range(20):
+        os.symlink(f"target{i}", lower / f"s{i}")
+
+
+def _read_links_three_times(mnt) -> None:
+    for _ in range(3):
+        for i in range(20):
+            assert os.readlink(mnt / f"s{i}") == f"target{i}"
+
+
+def test_symlink_targets_are_served_by_the_kernel(tmp_path):
+    count = functools.partial(
+        _count_requests, opcode="READLINK", fill=_twenty_symlinks, use=_read_links_three_times
+    )
+    cached = count(tmp_path / "a", [])
+    uncached = count(tmp_path / "b", ["-o", "nodircache"])
+    assert uncached >= 3 * 20, "without the cache every readlink asks the daemon"
+    assert cached <= 20, (cached, uncached)
+
+
+def test_symlink_target_follows_replacement(tmp_path):
+    lower, upper, mnt = tmp_path / "lower", tmp_path / "upper", tmp_path / "mnt"
+    for d in (lower, upper, mnt):
+        d.mkdir()
+    os.symlink("old", lower / "s")
+    os.symlink("other", lower / "t")
+    with unionfs_mount([lower], upper, mnt):
+        assert os.readlink(mnt / "s") == "old"
+        (mnt / "s").unlink()
+        os.symlink("new", mnt / "s")
+        assert os.readlink(mnt / "s") == "new"
+        assert os.readlink(mnt / "t") == "other"
+        os.rename(mnt / "t", mnt / "s")
+        assert os.readlink(mnt / "s") == "other"
+        os.symlink("third", mnt / "u")
+        os.rename(mnt / "u", mnt / "s")
+        assert os.readlink(mnt / "s") == "third"
+    with unionfs_mount([lower], upper, mnt):
+        assert os.readlink(mnt / "s") == "third"
 
 
 def test_listing_follows_every_change(tmp_path):

@@ -32,8 +32,15 @@ BINARIES = ["/bin/ls", "/bin/cat", "/usr/bin/env", "/bin/sed", "/bin/tar"]
 
 def build_rootfs(base: Path) -> list[Path]:
     base_layer, app_layer = base / "base", base / "app"
-    for sub in ("bin", "etc", "usr/bin", "usr/lib/old", "usr/share/doc/pkg", "var/lib/dpkg",
-                "etc/skel"):
+    for sub in (
+        "bin",
+        "etc",
+        "usr/bin",
+        "usr/lib/old",
+        "usr/share/doc/pkg",
+        "var/lib/dpkg",
+        "etc/skel",
+    ):
         (base_layer / sub).mkdir(parents=True, exist_ok=True)
     for b in BINARIES:
         if os.path.exists(b):
@@ -117,8 +124,10 @@ def test_package_session_matches_kernel(tmp_path):
     with unionfs_mount(lowers, tmp_path / "u-up", tmp_path / "u-mnt"):
         session(tmp_path / "u-mnt", package)
         got = snapshot(tmp_path / "u-mnt")
-        assert subprocess.run([tmp_path / "u-mnt/usr/bin/ls", "/"],
-                              capture_output=True).returncode == 0
+        assert (
+            subprocess.run([tmp_path / "u-mnt/usr/bin/ls", "/"], capture_output=True).returncode
+            == 0
+        )
     assert not diff_snapshots(expected, got), diff_snapshots(expected, got)
     with unionfs_mount(lowers, tmp_path / "u-up", tmp_path / "u-mnt"):
         again = snapshot(tmp_path / "u-mnt")

@@ -33,21 +33,28 @@ static void (*inner_opendir)(fuse_req_t, fuse_ino_t, struct fuse_file_info *);
 static void (*inner_init)(void *, struct fuse_conn_info *);
 
 /*
- * POSIX ACLs (FUSE_CAP_POSIX_ACL), which pyfuse3 cannot ask for either: the
- * kernel then checks ACLs, not only mode bits, under default_permissions, and
- * caches them per inode.  With DONT_MASK it sends the caller's umask instead
- * of applying it, and the daemon applies it unless the parent directory has
- * a default ACL (operations.py), as a local filesystem does.
+ * Capabilities pyfuse3 cannot ask for, added to what its init handler wants.
+ *
+ * POSIX ACLs (FUSE_CAP_POSIX_ACL): the kernel then checks ACLs, not only mode
+ * bits, under default_permissions, and caches them per inode.  With DONT_MASK
+ * it sends the caller's umask instead of applying it, and the daemon applies
+ * it unless the parent directory has a default ACL (operations.py), as a
+ * local filesystem does.
+ *
+ * Symlink targets (FUSE_CAP_CACHE_SYMLINKS), with the listing cache: the
+ * kernel keeps a target in the page cache instead of asking READLINK on every
+ * path walk through the link.  A symlink's target never changes under the
+ * same inode (a new target is a new symlink), so the cache stays exact.
  */
-static void acl_init(void *userdata, struct fuse_conn_info *conn)
+static void session_init(void *userdata, struct fuse_conn_info *conn)
 {
     if (inner_init != NULL)
         inner_init(userdata, conn);
-    if ((conn->capable & FUSE_CAP_POSIX_ACL) && (conn->capable & FUSE_CAP_DONT_MASK)) {
-        /* DONT_MASK: the kernel sends the umask, the daemon applies it unless
-         * a default ACL rules (as a local filesystem does). */
+    if (acl_wanted && (conn->capable & FUSE_CAP_POSIX_ACL) &&
+        (conn->capable & FUSE_CAP_DONT_MASK))
         conn->want |= FUSE_CAP_POSIX_ACL | FUSE_CAP_DONT_MASK;
-    }
+    if (enabled && (conn->capable & FUSE_CAP_CACHE_SYMLINKS))
+        conn->want |= FUSE_CAP_CACHE_SYMLINKS;
 }
 
 static void caching_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
@@ -77,10 +84,8 @@ struct fuse_session *fuse_session_new(struct fuse_args *args,
             patched.opendir = caching_opendir;
             used = 1;
         }
-        if (acl_wanted) {
-            inner_init = op->init;
-            patched.init = acl_init;
-        }
+        inner_init = op->init;
+        patched.init = session_init;
         op = &patched;
     }
     return real(args, op, op_size, userdata);

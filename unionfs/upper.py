@@ -19,7 +19,7 @@ from __future__ import annotations
 import errno
 import os
 import stat as stat_mod
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 from . import markers
 from .copyup import CopyUp
@@ -42,6 +42,11 @@ class Upper:
         self.table = table
         self.copyup = copyup
         self.writer = writer
+        #: Called with the number of a symlink whose last name went while the
+        #: kernel still holds it (set by the operations when the kernel caches
+        #: symlink targets): the upper filesystem may give that number to the
+        #: next new symlink, which must not be served the old cached target.
+        self.forget_symlink: Callable[[int], Awaitable[None]] | None = None
 
     # -- queries ---------------------------------------------------------------
 
@@ -201,6 +206,13 @@ class Upper:
             return self.table.number_of(entry) == node.ino
 
         self.table.detach(node, parent, name, still_names)
+        if (
+            node.unlinked
+            and self.forget_symlink is not None
+            and gone is not None
+            and stat_mod.S_ISLNK(gone.st_mode)
+        ):
+            await self.forget_symlink(node.ino)
         if not node.is_dir and not node.unlinked and node.layer == 0 and node.parent is not None:
             # Its new name may be a lower name of the copy: linked to the copy.
             await self._to_upper(node, node.parent, node.name)

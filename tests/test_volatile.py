@@ -79,17 +79,24 @@ def test_clean_unmount_syncs_and_removes_the_marker(tmp, request, rootless):
         assert run_as(user, Path.read_text, mnt / "f") == "lower\nmore\n"
 
 
+def _start(argv: list[str], mnt: Path) -> subprocess.Popen[bytes]:
+    """Start a foreground daemon (``argv``) and wait until ``mnt`` is mounted."""
+    proc = subprocess.Popen(argv, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while not mounted(mnt):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            proc.wait()
+            raise AssertionError(f"{argv[0]} did not mount {mnt}")
+        time.sleep(0.02)
+    return proc
+
+
 def test_killed_volatile_mount_is_refused_until_someone_decides(tmp):
     lower, upper, mnt, work = _tree(tmp)
-    proc = subprocess.Popen(
-        [*unionfs_command(), "-f", "-o", "volatile", str(lower), str(upper), str(mnt)],
-        stderr=subprocess.DEVNULL,
-    )
+    argv = [*unionfs_command(), "-f", "-o", "volatile", str(lower), str(upper), str(mnt)]
+    proc = _start(argv, mnt)
     try:
-        deadline = time.monotonic() + 20
-        while not mounted(mnt):
-            assert proc.poll() is None and time.monotonic() < deadline, "mount failed"
-            time.sleep(0.02)
         (mnt / "f").write_text("written\n")
     finally:
         proc.send_signal(signal.SIGKILL)
@@ -129,15 +136,9 @@ def test_volatile_makes_no_sync_until_one_syncfs_at_the_end(tmp, volatile):
     if volatile:
         cmd += ["-o", "volatile"]
     cmd += [str(lower), str(upper), str(mnt)]
-    proc = subprocess.Popen(
-        ["strace", "-f", "-qq", "-o", str(log), "-e", "trace=fsync,fdatasync,syncfs", *cmd],
-        stderr=subprocess.DEVNULL,
-    )
+    trace = ["strace", "-f", "-qq", "-o", str(log), "-e", "trace=fsync,fdatasync,syncfs"]
+    proc = _start([*trace, *cmd], mnt)
     try:
-        deadline = time.monotonic() + 30
-        while not mounted(mnt):
-            assert proc.poll() is None and time.monotonic() < deadline, "mount failed"
-            time.sleep(0.05)
         assert _append_and_fsync(str(mnt)) == "lower\nmore\n"
         (mnt / "d" / "g").write_text("changed\n")  # one more copy-up
     finally:

@@ -331,9 +331,11 @@ class CopyUp:
                 elif with_data:
                     copy_data(src, dst, st.st_size)
                 self.set_meta(tmp, st, b"/proc/self/fd/%d" % src, origin)
-                if self.durable and with_data and st.st_size > THREAD_THRESHOLD:
+                if not self.durable:
+                    return
+                if with_data and st.st_size > THREAD_THRESHOLD:
                     await trio.to_thread.run_sync(os.fsync, dst)
-                elif self.durable:
+                else:
                     os.fsync(dst)
             finally:
                 os.close(dst)

@@ -99,37 +99,6 @@ def test_symlink_target_follows_replacement(tmp_path):
         assert os.readlink(mnt / "s") == "third"
 
 
-def _reuse_numbers(mnt: str) -> tuple[int, list[str]]:
-    """A symlink held open (O_PATH) is unlinked; a new symlink may get its number."""
-    reused, wrong = 0, []
-    for i in range(50):
-        old, new = os.path.join(mnt, f"a{i}"), os.path.join(mnt, f"b{i}")
-        os.symlink("old-target", old)
-        assert os.readlink(old) == "old-target"  # now in the kernel's cache
-        fd = os.open(old, os.O_PATH | os.O_NOFOLLOW)
-        try:
-            number = os.fstat(fd).st_ino
-            os.unlink(old)
-            os.symlink("new-target", new)
-            reused += os.lstat(new).st_ino == number
-            if os.readlink(new) != "new-target":
-                wrong.append(new)
-        finally:
-            os.close(fd)
-    return reused, wrong
-
-
-def test_new_symlink_on_a_reused_number_shows_its_own_target(tmp_path):
-    lower, upper, mnt = tmp_path / "lower", tmp_path / "upper", tmp_path / "mnt"
-    for d in (lower, upper, mnt):
-        d.mkdir()
-    with unionfs_mount([lower], upper, mnt):
-        reused, wrong = _reuse_numbers(str(mnt))
-    assert wrong == [], f"{len(wrong)} of {reused} reused numbers served the old target"
-    if reused == 0:
-        pytest.skip("the upper's filesystem gave no number twice: nothing was exercised")
-
-
 def test_listing_follows_every_change(tmp_path):
     lower, upper, mnt = tmp_path / "lower", tmp_path / "upper", tmp_path / "mnt"
     for d in (lower, upper, mnt):

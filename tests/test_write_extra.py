@@ -211,3 +211,63 @@ def test_rootless_hard_linked_symlink_keeps_its_other_name(unpriv_tmp, unpriv_us
     chown_tree(unpriv_tmp, unpriv_user.uid, unpriv_user.gid)
     m = unionfs([lower], upper, user=unpriv_user)
     assert run_as(unpriv_user, _link_symlink_then_unlink, str(m.mnt)) == (True, "target")
+
+
+def _make_dir(path: str) -> None:
+    os.mkdir(path)
+
+
+def _make_symlink(path: str) -> None:
+    os.symlink("target-of-" + os.path.basename(path), path)
+
+
+def _held_then_replaced(mnt: str, upper: str, make, remove) -> tuple[int, list[str]]:
+    """Make ``a<i>``, hold it (O_PATH), remove it, make ``b<i>``; the upper filesystem
+    often gives ``b<i>`` the inode just freed.  Returns how often it did, and what
+    went wrong then: the merged number shared, a symlink's old target, a directory
+    refusing entries (the kernel took it for the removed one)."""
+    reused, wrong = 0, []
+    for i in range(20):
+        old, new = os.path.join(mnt, f"a{i}"), os.path.join(mnt, f"b{i}")
+        make(old)
+        if os.path.islink(old):
+            os.readlink(old)  # in the kernel's symlink cache now
+        fd = os.open(old, os.O_PATH | os.O_NOFOLLOW)
+        try:
+            real_old = os.lstat(os.path.join(upper, f"a{i}")).st_ino
+            held = os.fstat(fd).st_ino
+            remove(old)
+            make(new)
+            if os.lstat(os.path.join(upper, f"b{i}")).st_ino != real_old:
+                continue
+            reused += 1
+            if os.lstat(new).st_ino == held:
+                wrong.append(f"b{i}: the number of the removed a{i}")
+            if os.path.islink(new) and os.readlink(new) != f"target-of-b{i}":
+                wrong.append(f"b{i}: target {os.readlink(new)!r}")
+            if os.path.isdir(new):
+                try:
+                    open(os.path.join(new, "x"), "w").close()
+                except OSError as e:
+                    wrong.append(f"b{i}/x: {e.strerror}")
+        finally:
+            os.close(fd)
+    return reused, wrong
+
+
+@pytest.mark.parametrize(
+    ("make", "remove"), [(_make_dir, os.rmdir), (_make_symlink, os.unlink)], ids=["dir", "symlink"]
+)
+def test_new_object_on_a_freed_number_is_not_the_removed_one(tmp_path, make, remove):
+    """A removed upper object still held by the kernel (cwd, O_PATH) keeps its number;
+    a new object the upper gives the same inode gets another (was: a new directory
+    answered ENOENT to every create, a new symlink showed the old target)."""
+    lower, upper, mnt = tmp_path / "lower", tmp_path / "upper", tmp_path / "mnt"
+    for d in (lower, upper, mnt):
+        d.mkdir()
+    with unionfs_mount([lower], upper, mnt):
+        reused, wrong = _held_then_replaced(str(mnt), str(upper), make, remove)
+        assert wrong == [], wrong
+        assert sorted(os.listdir(mnt)) == sorted(f"b{i}" for i in range(20))
+    if reused == 0:
+        pytest.skip("the upper's filesystem gave no inode twice: nothing was exercised")

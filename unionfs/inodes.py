@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import os
+import stat as stat_mod
 from collections.abc import Callable
 
 import pyfuse3
@@ -48,6 +50,7 @@ class Node:
         "aliases",
         "children",
         "dir_layers",
+        "freed",
         "ino",
         "layer",
         "listing",
@@ -72,6 +75,10 @@ class Node:
         #: No name left (unlinked while the kernel still holds it, e.g. open):
         #: only its open descriptors reach it, never whatever now has its name.
         self.unlinked = False
+        #: Its upper object is gone for good (last link removed): the upper
+        #: filesystem may give its number to a new object while the kernel
+        #: still holds this one (open, a cwd), see InodeTable.node_for.
+        self.freed = False
         #: The merged listing of a directory, valid while the stack's
         #: generation equals ``listing_gen`` (no upper change since).
         self.listing: list[tuple[bytes, int, bool]] | None = None
@@ -163,8 +170,18 @@ def compose(fsid: int, real_ino: int, tagged: bool, dev: int = 0) -> int:
         return real_ino
     if tagged and real_ino <= _LOW_MASK and fsid < 0x7FFF:
         return ((fsid + 1) << _TAG_SHIFT) | real_ino
-    digest = hashlib.blake2b(b"%d:%d" % (dev, real_ino), digest_size=8).digest()
+    return _hashed(b"%d:%d" % (dev, real_ino))
+
+
+def _hashed(key: bytes) -> int:
+    """A number in the range with the top bit set, which real inode numbers do not use."""
+    digest = hashlib.blake2b(key, digest_size=8).digest()
     return (int.from_bytes(digest, "little") >> 1) | (1 << 63)
+
+
+def renumbered(number: int, k: int) -> int:
+    """The ``k``-th stand-in for ``number``, in the hashed range (top bit set)."""
+    return _hashed(b"renumbered:%d:%d" % (number, k))
 
 
 class InodeTable:
@@ -176,6 +193,10 @@ class InodeTable:
         self.root = Node(ROOT_INODE, None, b"", root_entry)
         self.root.nlookup = 1
         self._nodes: dict[int, Node] = {ROOT_INODE: self.root}
+        #: Real number -> the number a new object got instead (see node_for),
+        #: and back, while that object's node lives.
+        self._renumbered: dict[int, int] = {}
+        self._renumbered_from: dict[int, int] = {}
 
     def __len__(self) -> int:
         return len(self._nodes)
@@ -207,9 +228,19 @@ class InodeTable:
 
         The node is not counted yet: ``ref`` does that once the kernel has
         really been told about it (a readdir reply can be refused).
+
+        A live node whose object was freed cannot be the entry's object: the
+        upper filesystem reused the inode number.  The kernel knows inodes by
+        number only, so it would take the new object for the dead one (a
+        removed directory that is still someone's cwd refuses new entries, a
+        symlink shows the old cached target); the new object gets another
+        number for as long as it lives.
         """
         ino = self.number_of(entry)
+        ino = self._renumbered.get(ino, ino)
         node = self._nodes.get(ino)
+        if node is not None and node.freed:
+            ino, node = self._renumber(ino), None
         if node is None:
             return Node(ino, parent, name, entry)
         if node.layer == 0 and entry.layer != 0:
@@ -220,6 +251,22 @@ class InodeTable:
         self.readdress(node, parent, name)
         node.update(entry)
         return node
+
+    def _renumber(self, number: int) -> int:
+        """A number for a new object whose real one a freed live node still has."""
+        k = 0
+        while (alt := renumbered(number, k)) in self._nodes:
+            k += 1
+        self._renumbered[number] = alt
+        self._renumbered_from[alt] = number
+        return alt
+
+    def retire(self, node: Node, gone: os.stat_result) -> None:
+        """``node``'s upper object (``gone``) was removed: was that its last link?"""
+        if gone.st_nlink > 1 and not stat_mod.S_ISDIR(gone.st_mode):
+            return  # another name keeps the object, and its number
+        if self.numbers.number(0, gone.st_ino) == node.ino:
+            node.freed = True
 
     def readdress(self, node: Node, parent: Node, name: bytes) -> None:
         """Address ``node`` by ``parent/name``, keeping a hard link's other name."""
@@ -293,6 +340,9 @@ class InodeTable:
         if node.nlookup > 0:
             return
         del self._nodes[ino]
+        number = self._renumbered_from.pop(ino, None)
+        if number is not None:
+            del self._renumbered[number]
         parent = node.parent
         if parent is not None and parent.children.get(node.name) is node:
             del parent.children[node.name]

@@ -10,7 +10,6 @@ uses the mount.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import functools
 import logging
@@ -21,7 +20,6 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import pyfuse3
-import trio
 
 from . import markers
 from .inodes import InodeTable, Node
@@ -54,16 +52,6 @@ def _guard(fn: F) -> F:
             raise pyfuse3.FUSEError(errno.EIO) from None
 
     return wrapper  # type: ignore[return-value]
-
-
-async def _drop_cached_data(ino: int) -> None:
-    """Make the kernel drop what it caches of inode ``ino`` (a symlink's target).
-
-    In a worker thread: the kernel may first wait for a page lock held by a
-    READLINK that this daemon has yet to answer.
-    """
-    with contextlib.suppress(OSError):  # ENOENT: the kernel no longer holds it
-        await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino)
 
 
 def _masked(mode: int, ctx: pyfuse3.RequestContext, dir_fd: int) -> int:
@@ -116,8 +104,6 @@ class UnionOperations(pyfuse3.Operations):
         self.table = table
         self.config = config
         self.upper = upper if not config.read_only else None
-        if self.upper is not None and config.dircache:
-            self.upper.forget_symlink = _drop_cached_data
         self.is_root = os.geteuid() == 0
         self._dirs: dict[int, DirHandle] = {}
         self._files: dict[int, FileHandle] = {}

@@ -19,7 +19,7 @@ from __future__ import annotations
 import errno
 import os
 import stat as stat_mod
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 
 from . import markers
 from .copyup import CopyUp
@@ -42,11 +42,6 @@ class Upper:
         self.table = table
         self.copyup = copyup
         self.writer = writer
-        #: Called with the number of a symlink whose last name went while the
-        #: kernel still holds it (set by the operations when the kernel caches
-        #: symlink targets): the upper filesystem may give that number to the
-        #: next new symlink, which must not be served the old cached target.
-        self.forget_symlink: Callable[[int], Awaitable[None]] | None = None
 
     # -- queries ---------------------------------------------------------------
 
@@ -149,7 +144,7 @@ class Upper:
         in_upper = node.layer == 0
         if not node.is_dir:
             in_upper = await self._up_if_hard_linked(node, parent, name)
-        gone = None if node.is_dir else self.stack.lstat(node.layer, path, name)
+        gone = self.stack.lstat(node.layer, path, name)
         pfd = self.stack.dirfd(0, path)
         whiteout = self.lower_has(parent, name)
         if in_upper and whiteout and self.writer.fmt == "kernel":
@@ -206,13 +201,8 @@ class Upper:
             return self.table.number_of(entry) == node.ino
 
         self.table.detach(node, parent, name, still_names)
-        if (
-            node.unlinked
-            and self.forget_symlink is not None
-            and gone is not None
-            and stat_mod.S_ISLNK(gone.st_mode)
-        ):
-            await self.forget_symlink(node.ino)
+        if gone is not None and node.layer == 0:
+            self.table.retire(node, gone)
         if not node.is_dir and not node.unlinked and node.layer == 0 and node.parent is not None:
             # Its new name may be a lower name of the copy: linked to the copy.
             await self._to_upper(node, node.parent, node.name)
@@ -298,8 +288,9 @@ class Upper:
         await self._to_upper(src, old_parent, old)
         await self.copyup.ensure_dir(new_parent)
         dst_gone = None
-        if dst is not None and not dst.is_dir:
-            await self._up_if_hard_linked(dst, new_parent, new)
+        if dst is not None:
+            if not dst.is_dir:
+                await self._up_if_hard_linked(dst, new_parent, new)
             dst_gone = self.stack.lstat(dst.layer, new_parent.path(), new)
         old_path, new_path = old_parent.path(), new_parent.path()
         ofd, nfd = self.stack.dirfd(0, old_path), self.stack.dirfd(0, new_path)

@@ -132,6 +132,9 @@ class Inode:
     target: str = ""
     xattrs: dict[str, bytes] = field(default_factory=dict)
     nlink: int = 1
+    #: A lower file with one link that nothing has changed yet: removing its
+    #: name leaves it in the lower, so an open descriptor still counts 1.
+    lower_sole: bool = False
     children: dict[str, Inode] = field(default_factory=dict)
     parent: Inode | None = None  # directories only (they have one name)
 
@@ -246,6 +249,7 @@ class Model:
                 data=bytearray(se.data),
                 xattrs={k: v for k, v in se.xattrs},
                 nlink=self._links[li][src],  # the lower's st_nlink, hidden links included
+                lower_sole=self._links[li][src] == 1,
             )
         return self._shared[key]
 
@@ -315,8 +319,14 @@ class Model:
 
     def _detach(self, parent: Inode, name: str) -> Inode:
         node = parent.children.pop(name)
-        if not node.is_dir:
+        if not node.is_dir and not node.lower_sole:
             node.nlink -= 1
+        return node
+
+    @staticmethod
+    def _changed(node: Inode) -> Inode:
+        """``node`` is about to change: from now on it is an upper copy."""
+        node.lower_sole = False
         return node
 
     # ---------------------------------------------------------------- operations
@@ -331,7 +341,7 @@ class Model:
                 raise _err(errno.EEXIST)
             if node.is_dir:
                 raise _err(errno.EISDIR)
-            node.data[:] = b""
+            self._changed(node).data[:] = b""
         else:
             if name == ".":
                 raise _err(errno.EISDIR)
@@ -343,7 +353,7 @@ class Model:
         node = self._existing(path)
         if node.is_dir:
             raise _err(errno.EISDIR)
-        return node
+        return self._changed(node)
 
     def write_at(self, path: str, offset: int, data: bytes) -> int:
         node = self._open_write(path)
@@ -359,7 +369,7 @@ class Model:
         node = self._existing(path)
         if node.is_dir:
             raise _err(errno.EISDIR)
-        _resize(node.data, size)
+        _resize(self._changed(node).data, size)
 
     def read(self, path: str) -> bytes:
         node = self._existing(path)
@@ -417,7 +427,7 @@ class Model:
             raise _err(errno.EEXIST)
         if node.is_dir:
             raise _err(errno.EPERM)
-        node.nlink += 1
+        self._changed(node).nlink += 1
         self._attach(parent, name, node)
 
     @staticmethod
@@ -452,6 +462,7 @@ class Model:
                 raise _err(errno.EINVAL if exchange else errno.ENOTEMPTY)
         if old is new:
             return
+        self._changed(old)
         if new is not None and not exchange:
             if old.is_dir and not new.is_dir:
                 raise _err(errno.ENOTDIR)
@@ -480,6 +491,8 @@ class Model:
         node = self._existing(path)
         if node.is_dir and mode != "r":
             raise _err(errno.EISDIR)
+        if mode != "r":
+            self._changed(node)  # opening for writing copies up
         self.fds[slot] = (node, mode)
 
     def _fd(self, slot: int) -> tuple[Inode, str]:
@@ -524,10 +537,10 @@ class Model:
         self.fds.clear()
 
     def chmod(self, path: str, mode: int) -> None:
-        self._existing(path).mode = mode & 0o7777
+        self._changed(self._existing(path)).mode = mode & 0o7777
 
     def chown(self, path: str, uid: int, gid: int, follow: bool = True) -> None:
-        node = self._existing(path, follow)
+        node = self._changed(self._existing(path, follow))
         if not node.is_dir and node.kind != "symlink":
             node.mode &= ~stat.S_ISUID
             if node.mode & stat.S_IXGRP:
@@ -535,13 +548,14 @@ class Model:
         node.uid, node.gid = uid, gid
 
     def utime(self, path: str, ns: int, follow: bool = True) -> int:
-        self._existing(path, follow)
+        self._changed(self._existing(path, follow))
         return ns
 
     def setxattr(self, path: str, name: str, value: bytes, flags: int, follow: bool) -> None:
         node = self._existing(path, follow)
         if node.kind == "symlink":
             raise _err(errno.EPERM)  # user.* only on files and directories
+        self._changed(node)
         if flags & XATTR_CREATE and name in node.xattrs:
             raise _err(errno.EEXIST)
         if flags & XATTR_REPLACE and name not in node.xattrs:
@@ -554,6 +568,7 @@ class Model:
             raise _err(errno.EPERM)
         if name not in node.xattrs:
             raise _err(errno.ENODATA)
+        self._changed(node)
         del node.xattrs[name]
 
     # ---------------------------------------------------------------- the view

@@ -271,3 +271,33 @@ def test_new_object_on_a_freed_number_is_not_the_removed_one(tmp_path, make, rem
         assert sorted(os.listdir(mnt)) == sorted(f"b{i}" for i in range(20))
     if reused == 0:
         pytest.skip("the upper's filesystem gave no inode twice: nothing was exercised")
+
+
+def test_removed_directory_held_open_is_not_its_successor(tmp_path):
+    """fstat of a removed directory's descriptor answers its own last attributes with no
+    link left (as the kernel does), and a change through it never reaches the directory
+    that took its name (was: the new directory's attributes, and setxattr landed on it)."""
+    lower, upper, mnt = tmp_path / "lower", tmp_path / "upper", tmp_path / "mnt"
+    for d in (lower, upper, mnt):
+        d.mkdir()
+    (lower / "merged").mkdir(mode=0o750)
+    with unionfs_mount([lower], upper, mnt):
+        for name in ("new", "merged"):  # upper-only, and a lower directory (whiteout)
+            d = mnt / name
+            if name == "new":
+                d.mkdir(mode=0o700)
+            fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                mode = os.fstat(fd).st_mode
+                d.rmdir()
+                d.mkdir(mode=0o755)
+                st = os.fstat(fd)
+                assert (st.st_mode, st.st_nlink) == (mode, 0), name
+                with pytest.raises(OSError):
+                    os.setxattr(fd, "user.x", b"1")
+                with pytest.raises(OSError):
+                    os.fchmod(fd, 0o711)
+            finally:
+                os.close(fd)
+            assert stat.S_IMODE(os.stat(d).st_mode) == 0o755
+            assert os.listxattr(d) == []

@@ -52,6 +52,7 @@ class Node:
         "dir_layers",
         "freed",
         "ino",
+        "last_st",
         "layer",
         "listing",
         "listing_gen",
@@ -79,6 +80,9 @@ class Node:
         #: filesystem may give its number to a new object while the kernel
         #: still holds this one (open, a cwd), see InodeTable.node_for.
         self.freed = False
+        #: The attributes it had when its last name went (served, with no
+        #: link left, to descriptors that outlive the name).
+        self.last_st: os.stat_result | None = None
         #: The merged listing of a directory, valid while the stack's
         #: generation equals ``listing_gen`` (no upper change since).
         self.listing: list[tuple[bytes, int, bool]] | None = None
@@ -104,7 +108,12 @@ class Node:
         return self.dir_layers is not None
 
     def path(self) -> Path:
-        """The merged path, walked up through the parents (renames just relink)."""
+        """The merged path, walked up through the parents (renames just relink).
+
+        Raises ESTALE for an unlinked node, as ``dirpath`` does.
+        """
+        if self.unlinked:
+            raise OSError(errno.ESTALE, "the object has no name left")
         parts: list[bytes] = []
         node: Node | None = self
         while node is not None and node.parent is not None:
@@ -124,7 +133,8 @@ class Node:
         return self.parent.path() if self.parent is not None else ()
 
     def __repr__(self) -> str:
-        return f"<Node {self.ino} {b'/'.join(self.path())!r} layer={self.layer}>"
+        where = b"(unlinked)" if self.unlinked else b"/".join(self.path())
+        return f"<Node {self.ino} {where!r} layer={self.layer}>"
 
 
 def _addressed_by(node: Node, parent: Node | None, name: bytes) -> bool:
@@ -262,9 +272,17 @@ class InodeTable:
         return alt
 
     def retire(self, node: Node, gone: os.stat_result) -> None:
-        """``node``'s upper object (``gone``) was removed: was that its last link?"""
-        if gone.st_nlink > 1 and not stat_mod.S_ISDIR(gone.st_mode):
-            return  # another name keeps the object, and its number
+        """``node``, last seen as ``gone``, lost its name; remember what outlives it.
+
+        Its attributes, for descriptors still open on it; and whether the
+        upper filesystem may give its number to a new object (its last link
+        in the upper is gone), see ``node_for``.
+        """
+        if not node.unlinked:
+            return  # it kept another name
+        node.last_st = gone
+        if node.layer != 0 or (gone.st_nlink > 1 and not stat_mod.S_ISDIR(gone.st_mode)):
+            return  # a lower object stays where it is; another link keeps it
         if self.numbers.number(0, gone.st_ino) == node.ino:
             node.freed = True
 
@@ -297,6 +315,8 @@ class InodeTable:
         stead).
         """
         if node.is_dir:
+            if _addressed_by(node, parent, name):
+                node.unlinked = True  # a directory has one name
             return
         node.aliases = _without(node.aliases, parent, name) or None
         if not _addressed_by(node, parent, name):

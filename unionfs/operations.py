@@ -121,7 +121,7 @@ class UnionOperations(pyfuse3.Operations):
         a.st_mode = st.st_mode
         # Like overlayfs: counting subdirectories of a merged directory is not
         # worth it, and nlink=1 tells find not to rely on the count.
-        if node.dir_layers is not None:
+        if node.dir_layers is not None and not node.unlinked:
             a.st_nlink = 1 if len(node.dir_layers) > 1 else st.st_nlink
         else:
             extra = node.lower_links
@@ -143,13 +143,28 @@ class UnionOperations(pyfuse3.Operations):
         An open but unlinked file has no name left: its open descriptor
         still answers.
         """
+        if node.unlinked:
+            return self._nameless_stat(node)
         if node.is_dir:
             return self.stack.stat_dir(node.layer, node.path())
-        if not node.unlinked:
-            st = self.stack.lstat(node.layer, node.dirpath(), node.name)
-            if st is not None:
-                return st
+        st = self.stack.lstat(node.layer, node.dirpath(), node.name)
+        if st is not None:
+            return st
         return os.fstat(self._handle_fd(node))
+
+    def _nameless_stat(self, node: Node) -> os.stat_result:
+        """An object whose last name went: its open descriptor answers if it has
+        one, else the attributes it had then, with no link left (as a local
+        filesystem answers fstat on a removed directory or an O_PATH descriptor)."""
+        try:
+            return os.fstat(self._handle_fd(node))
+        except OSError:
+            if node.last_st is None:
+                raise
+        st = node.last_st
+        fields = ("st_atime", "st_mtime", "st_ctime", "st_atime_ns", "st_mtime_ns", "st_ctime_ns")
+        extra = {f: getattr(st, f) for f in (*fields, "st_blksize", "st_blocks", "st_rdev")}
+        return os.stat_result((*st[:3], 0, *st[4:10]), extra)
 
     def _handle_fd(self, node: Node) -> int:
         """A descriptor of one of the node's open handles (ESTALE if none)."""

@@ -201,7 +201,7 @@ class Upper:
             return self.table.number_of(entry) == node.ino
 
         self.table.detach(node, parent, name, still_names)
-        if gone is not None and node.layer == 0:
+        if gone is not None:
             self.table.retire(node, gone)
         if not node.is_dir and not node.unlinked and node.layer == 0 and node.parent is not None:
             # Its new name may be a lower name of the copy: linked to the copy.

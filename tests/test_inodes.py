@@ -43,8 +43,8 @@ def test_a_freed_number_given_to_a_new_object_is_renumbered_while_either_lives(t
         old = table.node_for(table.root, b"a", entry)
         table.ref(old)
         assert old.ino == st.st_ino
-        table.detach(old, table.root, b"a", lambda p, n: False)  # removed, last link,
-        table.retire(old, st)  # but the kernel still holds it
+        # removed, its last link, but the kernel still holds it
+        table.detach(old, table.root, b"a", lambda p, n: False, st)
         assert old.freed
 
         new = table.node_for(table.root, b"b", entry)
@@ -71,8 +71,8 @@ def test_an_object_with_another_link_keeps_its_number(tmp_path):
         entry = Entry(0, st, ino_layer=0, ino_st=st)
         node = table.node_for(table.root, b"f", entry)
         table.ref(node)
-        table.detach(node, table.root, b"f", lambda p, n: False)
-        table.retire(node, st)  # one of two links removed: the object lives on
+        # one of two links removed: the object lives on
+        table.detach(node, table.root, b"f", lambda p, n: False, st)
         assert not node.freed
         assert table.node_for(table.root, b"g", entry) is node
     finally:

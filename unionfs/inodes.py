@@ -80,8 +80,8 @@ class Node:
         #: filesystem may give its number to a new object while the kernel
         #: still holds this one (open, a cwd), see InodeTable.node_for.
         self.freed = False
-        #: The attributes it had when its last name went (served, with no
-        #: link left, to descriptors that outlive the name).
+        #: The attributes it had when its last name went, with no link left
+        #: (served to descriptors that outlive the name).
         self.last_st: os.stat_result | None = None
         #: The merged listing of a directory, valid while the stack's
         #: generation equals ``listing_gen`` (no upper change since).
@@ -189,9 +189,16 @@ def _hashed(key: bytes) -> int:
     return (int.from_bytes(digest, "little") >> 1) | (1 << 63)
 
 
-def renumbered(number: int, k: int) -> int:
+def _stand_in(number: int, k: int) -> int:
     """The ``k``-th stand-in for ``number``, in the hashed range (top bit set)."""
     return _hashed(b"renumbered:%d:%d" % (number, k))
+
+
+def _without_links(st: os.stat_result) -> os.stat_result:
+    """``st`` with a link count of 0: how a removed object looks to its descriptors."""
+    names = ("atime", "mtime", "ctime", "atime_ns", "mtime_ns", "ctime_ns", "blksize", "blocks")
+    extra = {f"st_{n}": getattr(st, f"st_{n}") for n in (*names, "rdev")}
+    return os.stat_result((*st[:3], 0, *st[4:10]), extra)
 
 
 class InodeTable:
@@ -265,22 +272,20 @@ class InodeTable:
     def _renumber(self, number: int) -> int:
         """A number for a new object whose real one a freed live node still has."""
         k = 0
-        while (alt := renumbered(number, k)) in self._nodes:
+        while (alt := _stand_in(number, k)) in self._nodes:
             k += 1
         self._renumbered[number] = alt
         self._renumbered_from[alt] = number
         return alt
 
-    def retire(self, node: Node, gone: os.stat_result) -> None:
-        """``node``, last seen as ``gone``, lost its name; remember what outlives it.
+    def _retire(self, node: Node, gone: os.stat_result) -> None:
+        """``node``, last seen as ``gone``, lost its last name: keep what outlives it.
 
-        Its attributes, for descriptors still open on it; and whether the
-        upper filesystem may give its number to a new object (its last link
-        in the upper is gone), see ``node_for``.
+        Its attributes with no link left, for descriptors still open on it;
+        and whether the upper filesystem may give its number to a new object
+        (its last link in the upper is gone), see ``node_for``.
         """
-        if not node.unlinked:
-            return  # it kept another name
-        node.last_st = gone
+        node.last_st = _without_links(gone)
         if node.layer != 0 or (gone.st_nlink > 1 and not stat_mod.S_ISDIR(gone.st_mode)):
             return  # a lower object stays where it is; another link keeps it
         if self.numbers.number(0, gone.st_ino) == node.ino:
@@ -304,21 +309,22 @@ class InodeTable:
         node.aliases = aliases[-_MAX_ALIASES:]
 
     def detach(
-        self, node: Node, parent: Node, name: bytes, still_names: Callable[[Node, bytes], bool]
+        self,
+        node: Node,
+        parent: Node,
+        name: bytes,
+        still_names: Callable[[Node, bytes], bool],
+        gone: os.stat_result | None = None,
     ) -> None:
-        """``parent/name`` no longer names ``node`` (unlinked or replaced).
+        """``parent/name`` (whose object was ``gone``) no longer names ``node``.
 
         A node addressed by that name moves to another of its names that
-        ``still_names`` confirms (in the merged view), or is marked unlinked:
-        its old name may now hold a whiteout (whose type change the kernel
-        answers with EIO) or a new object (which must not be changed in its
-        stead).
+        ``still_names`` confirms (in the merged view), or is marked unlinked
+        (a directory always: it has one name): its old name may now hold a
+        whiteout (whose type change the kernel answers with EIO) or a new
+        object (which must not be changed in its stead).
         """
-        if node.is_dir:
-            if _addressed_by(node, parent, name):
-                node.unlinked = True  # a directory has one name
-            return
-        node.aliases = _without(node.aliases, parent, name) or None
+        node.aliases = _without(node.aliases, parent, name) or None  # directories: None
         if not _addressed_by(node, parent, name):
             return
         for p, n in node.aliases or ():
@@ -329,6 +335,8 @@ class InodeTable:
                     p.children[n] = node
                 return
         node.unlinked = True
+        if gone is not None:
+            self._retire(node, gone)
 
     def ref(self, node: Node) -> None:
         """Count one kernel lookup of ``node`` (lookup, readdirplus, create...)."""

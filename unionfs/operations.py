@@ -161,10 +161,7 @@ class UnionOperations(pyfuse3.Operations):
         except OSError:
             if node.last_st is None:
                 raise
-        st = node.last_st
-        fields = ("st_atime", "st_mtime", "st_ctime", "st_atime_ns", "st_mtime_ns", "st_ctime_ns")
-        extra = {f: getattr(st, f) for f in (*fields, "st_blksize", "st_blocks", "st_rdev")}
-        return os.stat_result((*st[:3], 0, *st[4:10]), extra)
+            return node.last_st
 
     def _handle_fd(self, node: Node) -> int:
         """A descriptor of one of the node's open handles (ESTALE if none)."""

@@ -200,9 +200,7 @@ class Upper:
                 return (entry.st.st_dev, entry.st.st_ino) == (gone.st_dev, gone.st_ino)
             return self.table.number_of(entry) == node.ino
 
-        self.table.detach(node, parent, name, still_names)
-        if gone is not None:
-            self.table.retire(node, gone)
+        self.table.detach(node, parent, name, still_names, gone)
         if not node.is_dir and not node.unlinked and node.layer == 0 and node.parent is not None:
             # Its new name may be a lower name of the copy: linked to the copy.
             await self._to_upper(node, node.parent, node.name)

@@ -422,6 +422,7 @@ def main(argv: list[str] | None = None) -> int:
         status = _exit_status(e)
     finally:
         targets.release_all()
+        targets.discard_set_aside()
         targets.clear_leftovers(args.workdir / "scratch")  # belt and braces
         left = targets.leftover_mounts(args.workdir)
         if left:

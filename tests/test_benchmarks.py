@@ -32,3 +32,23 @@ def test_quick_benchmark_runs(tmp_path):
     assert "| stat-walk (cold) |" in r.stdout and "unionfs" in r.stdout
     (result,) = (tmp_path / "out").iterdir()
     assert (result / "results.json").stat().st_size > 0
+    # every scratch tree set aside during the run is gone at its end
+    assert list((tmp_path / "w" / "scratch").iterdir()) == []
+
+
+def test_scratch_trees_wait_for_the_end_of_the_run_but_big_files_do_not(tmp_path, monkeypatch):
+    monkeypatch.syspath_prepend(str(HERE / "benchmarks"))
+    from bench import targets
+
+    monkeypatch.setattr(targets, "_MIN_FREE_BYTES", 0)  # however full this disk is
+    monkeypatch.setattr(targets, "_MIN_FREE_INODES", 0)
+    scratch = tmp_path / "fuse-overlayfs-1"
+    (scratch / "upper" / "d").mkdir(parents=True)
+    (scratch / "upper" / "d" / "small").write_bytes(b"x" * 100)
+    with open(scratch / "upper" / "big", "wb") as f:
+        f.truncate(targets._BIG_FILE)
+    targets.set_aside(scratch)
+    assert (scratch / "upper" / "d" / "small").exists()
+    assert not (scratch / "upper" / "big").exists()
+    targets.discard_set_aside()
+    assert not scratch.exists()

@@ -301,3 +301,26 @@ def test_removed_directory_held_open_is_not_its_successor(tmp_path):
                 os.close(fd)
             assert stat.S_IMODE(os.stat(d).st_mode) == 0o755
             assert os.listxattr(d) == []
+
+
+@pytest.mark.parametrize("fmt", ["kernel", "oci"])
+def test_renamed_lower_dir_leaves_no_whiteout_in_its_opaque_copy(tmp, unionfs, kernel_overlay, fmt):
+    """A whiteout in a directory that becomes opaque hides nothing any more, and kernel
+    overlayfs lists it (as a 0/0 device) in an opaque directory: the copy drops it.
+    Found by the fuzzer (handover): a lower dir renamed after one of its files was removed."""
+    lower, upper = tmp / "lower", tmp / "upper"
+    (lower / "b" / "a").mkdir(parents=True)
+    (lower / "b" / "a" / "f").write_text("f\n")
+    (lower / "b" / "keep").write_text("keep\n")
+    (lower / "a").mkdir()
+    upper.mkdir()
+    m = unionfs([lower], upper, opts=(f"whiteout={fmt}",))
+    os.unlink(m.mnt / "b" / "a" / "f")
+    os.rename(m.mnt / "b", m.mnt / "a")  # over an empty lower dir: the copy is opaque
+    view = snapshot(m.mnt)
+    m.close()
+    assert sorted(view) == ["a", "a/a", "a/keep"], view
+    assert sorted(os.listdir(upper / "a" / "a")) == ([".wh..wh..opq"] if fmt == "oci" else [])
+    if fmt == "kernel":  # the same upper, mounted by the kernel
+        k = kernel_overlay([lower], upper)
+        assert snapshot(k.mnt) == view

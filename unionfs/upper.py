@@ -240,9 +240,28 @@ class Upper:
             if child is None:
                 continue
             await self._to_upper(child, node, name)
-        self.writer.set_opaque(self.stack.dirfd(0, node.path()))
+        path = node.path()
+        self.writer.set_opaque(self.stack.dirfd(0, path))
+        self._drop_whiteouts(path)
         node.dir_layers = (0,)
         node.xwh_layers = frozenset()
+
+    def _drop_whiteouts(self, path: tuple[bytes, ...]) -> None:
+        """Remove the whiteouts of an upper directory that was just made opaque.
+
+        They hide nothing below an opaque directory, and kernel overlayfs does
+        not filter them there: it would list each one (a 0/0 device) under a
+        name that lookup says does not exist.  Removed only after the marker is
+        set, so that a crash in between changes nothing in the merged view.
+        """
+        fd = self.stack.dirfd(0, path)
+        for name, _is_dir, special in self.stack.scandir(0, path):
+            if markers.oci_whiteout_target(name) is not None:  # not the opaque marker
+                os.unlink(name, dir_fd=fd)
+            elif special:
+                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                if markers.is_char_whiteout(st.st_mode, st.st_rdev):
+                    os.unlink(name, dir_fd=fd)
 
     async def _to_upper(self, node: Node, parent: Node, name: bytes) -> None:
         """Bring ``node`` into the upper at ``parent/name`` (for a hard link, its

@@ -22,7 +22,7 @@ from typing import Any
 import pyfuse3
 import trio
 
-from . import __version__
+from . import __version__, loop
 from .copyup import CopyUp
 from .inodes import InodeTable
 from .layers import LayerStack
@@ -171,6 +171,8 @@ class Daemon:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_signals)
             nursery.start_soon(self._when_ready, ready_fd)
+            if not loop.install():
+                log.warning("this pyfuse3 has no trio hook: requests take trio's longer wait")
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
 

@@ -1,0 +1,112 @@
+"""The short wait between requests (unionfs/loop.py), without a mount.
+
+The mount tests exercise it as a whole (every daemon uses it); these pin the
+two properties it must keep: readers exclude each other, and trio's other
+tasks still run, even while requests keep coming.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pyfuse3
+import trio
+
+from unionfs import loop
+
+
+async def test_the_lock_excludes_and_every_waiter_gets_it():
+    lock = loop.BargingLock()
+    inside = 0
+    most = 0
+    done = 0
+
+    async def reader() -> None:
+        nonlocal inside, most, done
+        for _ in range(20):
+            async with lock:
+                inside += 1
+                most = max(most, inside)
+                await trio.sleep(0)  # a handler that waits while holding it
+                inside -= 1
+            await trio.sleep(0)
+        done += 1
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            for _ in range(5):
+                nursery.start_soon(reader)
+    assert most == 1 and done == 5 and not lock.locked()
+
+
+async def test_a_free_lock_is_taken_without_a_checkpoint():
+    lock = loop.BargingLock()
+    ran = False
+
+    async def other() -> None:
+        nonlocal ran
+        ran = True
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(other)
+        for _ in range(100):
+            async with lock:
+                pass
+        assert not ran  # trio.Lock would have let it run at the first acquire
+    assert ran
+
+
+async def test_a_ready_descriptor_is_answered_and_other_tasks_still_run():
+    r, w = os.pipe()
+    os.write(w, b"x")  # stays readable: every wait finds it ready
+    waiter = loop._Waiter(poll_ms=1, yield_every=4)
+    ran = False
+
+    async def other() -> None:
+        nonlocal ran
+        ran = True
+
+    try:
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(other)
+                for _ in range(3):
+                    await waiter.wait_readable(r)
+                assert not ran  # the first three came straight from poll
+                await waiter.wait_readable(r)  # the fourth goes through trio
+                assert ran
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+async def test_an_idle_wait_lets_trio_run_what_will_make_it_readable():
+    r, w = os.pipe()
+    waiter = loop._Waiter(poll_ms=1, yield_every=1000)
+
+    async def write_later() -> None:
+        await trio.sleep(0.05)
+        os.write(w, b"x")
+
+    try:
+        with trio.fail_after(10):  # a wait that never yielded would hang here
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(write_later)
+                await waiter.wait_readable(r)
+        assert os.read(r, 1) == b"x"
+    finally:
+        os.close(r)
+        os.close(w)
+
+
+def test_install_replaces_only_the_lock_and_the_wait(monkeypatch):
+    monkeypatch.setattr(pyfuse3, "trio", trio)
+    assert loop.install()
+    view = pyfuse3.trio
+    assert view is not trio
+    assert view.Lock is loop.BargingLock
+    assert view.lowlevel.wait_readable.__self__.__class__ is loop._Waiter
+    assert view.open_nursery is trio.open_nursery
+    assert view.ClosedResourceError is trio.ClosedResourceError
+    assert view.lowlevel.current_trio_token is trio.lowlevel.current_trio_token
+    assert not loop.install()  # once is enough; pyfuse3 without the hook is left alone

@@ -21,10 +21,11 @@ count, its termination) as it is:
   still park on it and get it when it is free.
 - ``lowlevel.wait_readable`` first waits for the descriptor in a blocking
   ``poll`` of at most ``POLL_MS``: a client in a loop sends its next request
-  within microseconds, and it is read without trio's round trip.  When
-  nothing comes in time, and on every ``YIELD_EVERY``-th wait whatever
-  happens, it waits through trio, so trio's other tasks (signals, worker
-  thread results, handlers waiting on them) run at least that often.
+  within microseconds, and it is read without trio's round trip.  It waits
+  through trio instead when trio has a task ready to run (a handler past a
+  checkpoint, whose client is waiting for it), when nothing came in time,
+  and on every ``YIELD_EVERY``-th wait whatever happens, so trio's other
+  tasks (signals, worker thread results) run at least that often.
 """
 
 from __future__ import annotations
@@ -79,7 +80,7 @@ class _Waiter:
 
     async def wait_readable(self, fd: Any) -> None:
         self.waits += 1
-        if self.waits % self.yield_every:
+        if self.waits % self.yield_every and not _others_ready():
             fileno = fd if isinstance(fd, int) else fd.fileno()
             poller = self._pollers.get(fileno)
             if poller is None:
@@ -88,6 +89,17 @@ class _Waiter:
             if poller.poll(self.poll_ms):
                 return  # readable, or closed: pyfuse3's read then says which
         await trio.lowlevel.wait_readable(fd)
+
+
+def _others_ready() -> bool:
+    """Has trio something to run now (a handler past a checkpoint, a thread's result)?
+
+    Blocking in poll then would hold that up until the next request or the
+    timeout, and a handler that checkpoints (every trio lock does) is often
+    the one the client is waiting for.
+    """
+    stats = trio.lowlevel.current_statistics()
+    return bool(stats.tasks_runnable or stats.run_sync_soon_queue_size)
 
 
 class _View:

@@ -11,9 +11,18 @@ import os
 import time
 
 import pyfuse3
+import pytest
 import trio
 
 from unionfs import loop
+
+
+@pytest.fixture
+def pipe():
+    r, w = os.pipe()
+    yield r, w
+    os.close(r)
+    os.close(w)
 
 
 async def test_the_lock_excludes_and_every_waiter_gets_it():
@@ -57,8 +66,8 @@ async def test_a_free_lock_is_taken_without_a_checkpoint():
     assert ran
 
 
-async def test_a_ready_descriptor_is_answered_and_other_tasks_still_run():
-    r, w = os.pipe()
+async def test_a_ready_descriptor_is_answered_and_other_tasks_still_run(pipe):
+    r, w = pipe
     os.write(w, b"x")  # stays readable: every wait finds it ready
     waiter = loop._Waiter(poll_ms=1, yield_every=4)
     ran = False
@@ -71,26 +80,22 @@ async def test_a_ready_descriptor_is_answered_and_other_tasks_still_run():
         await trio.sleep(0.01)
         ran = True
 
-    try:
-        with trio.fail_after(10):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(other)
-                await started.wait()  # it sleeps
-                time.sleep(0.03)  # its deadline passes unseen
-                waits = 0
-                while not ran and waits < 100:
-                    await waiter.wait_readable(r)
-                    waits += 1
-                # three waits straight from poll (trio never looked at its clock), then
-                # every fourth through trio: the sleeper runs at the 4th or the 8th
-                assert 4 <= waits <= 8, waits
-    finally:
-        os.close(r)
-        os.close(w)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(other)
+            await started.wait()  # it sleeps
+            time.sleep(0.03)  # its deadline passes unseen
+            waits = 0
+            while not ran and waits < 100:
+                await waiter.wait_readable(r)
+                waits += 1
+            # three waits straight from poll (trio never looked at its clock), then
+            # every fourth through trio: the sleeper runs at the 4th or the 8th
+            assert 4 <= waits <= 8, waits
 
 
-async def test_a_task_ready_to_run_is_not_held_up_by_the_poll():
-    r, w = os.pipe()
+async def test_a_task_ready_to_run_is_not_held_up_by_the_poll(pipe):
+    r, w = pipe
     waiter = loop._Waiter(poll_ms=1000, yield_every=1000)
     ran = False
 
@@ -99,35 +104,27 @@ async def test_a_task_ready_to_run_is_not_held_up_by_the_poll():
         ran = True
         os.write(w, b"x")  # its reply; the next request follows
 
-    try:
-        with trio.fail_after(10):
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(handler)
-                t0 = time.monotonic()
-                await waiter.wait_readable(r)
-                assert ran and time.monotonic() - t0 < 0.5  # not after the 1 s poll
-    finally:
-        os.close(r)
-        os.close(w)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(handler)
+            t0 = time.monotonic()
+            await waiter.wait_readable(r)
+            assert ran and time.monotonic() - t0 < 0.5  # not after the 1 s poll
 
 
-async def test_an_idle_wait_lets_trio_run_what_will_make_it_readable():
-    r, w = os.pipe()
+async def test_an_idle_wait_lets_trio_run_what_will_make_it_readable(pipe):
+    r, w = pipe
     waiter = loop._Waiter(poll_ms=1, yield_every=1000)
 
     async def write_later() -> None:
         await trio.sleep(0.05)
         os.write(w, b"x")
 
-    try:
-        with trio.fail_after(10):  # a wait that never yielded would hang here
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(write_later)
-                await waiter.wait_readable(r)
-        assert os.read(r, 1) == b"x"
-    finally:
-        os.close(r)
-        os.close(w)
+    with trio.fail_after(10):  # a wait that never yielded would hang here
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(write_later)
+            await waiter.wait_readable(r)
+    assert os.read(r, 1) == b"x"
 
 
 def test_install_replaces_only_the_lock_and_the_wait(monkeypatch):

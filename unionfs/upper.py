@@ -259,8 +259,8 @@ class Upper:
             if markers.oci_whiteout_target(name) is not None:  # not the opaque marker
                 os.unlink(name, dir_fd=fd)
             elif special:
-                st = os.stat(name, dir_fd=fd, follow_symlinks=False)
-                if markers.is_char_whiteout(st.st_mode, st.st_rdev):
+                st = self.stack.lstat(0, path, name)
+                if st is not None and markers.is_char_whiteout(st.st_mode, st.st_rdev):
                     os.unlink(name, dir_fd=fd)
 
     async def _to_upper(self, node: Node, parent: Node, name: bytes) -> None:

@@ -132,9 +132,54 @@ def test_install_replaces_only_the_lock_and_the_wait(monkeypatch):
     assert loop.install()
     view = pyfuse3.trio
     assert view is not trio
-    assert view.Lock is loop.BargingLock
+    assert isinstance(view.Lock(), loop.BargingLock)
     assert view.lowlevel.wait_readable.__self__.__class__ is loop._Waiter
     assert view.open_nursery is trio.open_nursery
     assert view.ClosedResourceError is trio.ClosedResourceError
     assert view.lowlevel.current_trio_token is trio.lowlevel.current_trio_token
     assert not loop.install()  # once is enough; pyfuse3 without the hook is left alone
+
+
+async def test_the_run_queue_probe_counts_what_trio_would_run():
+    probe = loop.runnable_probe()
+    assert probe is not loop._runnable_by_statistics, "trio's run loop changed: slower fallback"
+    token = trio.lowlevel.current_trio_token()
+    counts = [probe()]  # nothing else to run
+
+    async def task() -> None:
+        pass
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(task)
+        counts.append(probe())  # a new task waits in the run queue
+        token.run_sync_soon(lambda: None)
+        counts.append(probe())  # and a callback from "another thread"
+        assert probe() == loop._runnable_by_statistics()
+    assert counts == [0, 1, 2]
+
+
+async def test_a_reader_woken_by_the_lock_does_not_divert_the_wait(pipe):
+    r, w = pipe
+    os.write(w, b"x")
+    waiter = loop._Waiter(poll_ms=1000, yield_every=1000)
+    lock = waiter.lock()
+    other_in = trio.Event()
+
+    async def other_reader() -> None:
+        other_in.set()
+        async with lock:
+            pass
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            async with lock:
+                nursery.start_soon(other_reader)
+                await other_in.wait()
+                await trio.sleep(0)  # the other reader parks on the held lock
+            # released: the other reader is woken, but retaking the lock beats it
+            async with lock:
+                assert waiter.woken == [1]
+                await waiter.wait_readable(r)  # polled: trio did not run it
+                assert waiter.woken == [1]
+            await trio.sleep(0)
+            assert waiter.woken == [0]

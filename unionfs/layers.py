@@ -16,13 +16,12 @@ are bytes end to end, so non-UTF-8 names survive untouched.
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import functools
 import os
 import stat as stat_mod
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -54,8 +53,10 @@ def changes_upper(fn: F) -> F:
 
     @functools.wraps(fn)
     async def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
-        with self.stack.changing():
+        try:
             return await fn(self, *args, **kwargs)
+        finally:
+            self.stack.generation += 1
 
     return wrapper  # type: ignore[return-value]
 
@@ -158,14 +159,6 @@ class LayerStack:
             _, old = self._cache.popitem(last=False)
             os.close(old)
         return fd
-
-    @contextlib.contextmanager
-    def changing(self) -> Iterator[None]:
-        """Wrap a change to the upper: cached merged listings are stale after it."""
-        try:
-            yield
-        finally:
-            self.generation += 1
 
     def cached_fds(self) -> int:
         return len(self._cache)

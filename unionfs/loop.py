@@ -31,6 +31,7 @@ count, its termination) as it is:
 from __future__ import annotations
 
 import select
+from collections.abc import Callable
 from typing import Any
 
 import pyfuse3
@@ -49,21 +50,28 @@ class BargingLock:
     longest waiter on release, so the reader that releases it must park
     and come back through the scheduler.  Here a free lock is simply taken,
     and a released one wakes one waiter, which retries.
+
+    ``woken`` counts the waiters woken that have not run yet: while the lock
+    is held again they will only park again, so they are no reason to leave
+    the short wait (``_Waiter``).  It is shared by the locks of one waiter.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, woken: list[int] | None = None) -> None:
         self._held = False
         self._lot = trio.lowlevel.ParkingLot()
+        self._woken = woken if woken is not None else [0]
 
     async def __aenter__(self) -> None:
         while self._held:
             await self._lot.park()
+            self._woken[0] -= 1
         self._held = True
 
     async def __aexit__(self, *exc: object) -> None:
         self._held = False
         if self._lot:
             self._lot.unpark()
+            self._woken[0] += 1
 
     def locked(self) -> bool:
         return self._held
@@ -76,11 +84,18 @@ class _Waiter:
         self.poll_ms = poll_ms
         self.yield_every = yield_every
         self.waits = 0
+        #: Reader-lock waiters woken and not yet run (see ``BargingLock``).
+        self.woken = [0]
         self._pollers: dict[int, select.poll] = {}
+        self._runnable: Callable[[], int] | None = None
+
+    def lock(self) -> BargingLock:
+        """A reader lock whose woken waiters this waiter knows to ignore."""
+        return BargingLock(self.woken)
 
     async def wait_readable(self, fd: Any) -> None:
         self.waits += 1
-        if self.waits % self.yield_every and not _others_ready():
+        if self.waits % self.yield_every and not self._others_ready():
             fileno = fd if isinstance(fd, int) else fd.fileno()
             poller = self._pollers.get(fileno)
             if poller is None:
@@ -90,16 +105,44 @@ class _Waiter:
                 return  # readable, or closed: pyfuse3's read then says which
         await trio.lowlevel.wait_readable(fd)
 
+    def _others_ready(self) -> bool:
+        """Has trio something to run now (a handler past a checkpoint, a thread's result)?
 
-def _others_ready() -> bool:
-    """Has trio something to run now (a handler past a checkpoint, a thread's result)?
+        Blocking in poll then would hold that up until the next request or the
+        timeout, and a handler that checkpoints (every trio lock does) is often
+        the one the client is waiting for.  Reader-lock waiters woken by the
+        caller's last release do not count: the caller holds the lock again.
+        """
+        if self._runnable is None:
+            self._runnable = runnable_probe()
+        return self._runnable() > self.woken[0]
 
-    Blocking in poll then would hold that up until the next request or the
-    timeout, and a handler that checkpoints (every trio lock does) is often
-    the one the client is waiting for.
+
+def runnable_probe() -> Callable[[], int]:
+    """A function counting what trio could run now (tasks and queued callbacks).
+
+    The public way, ``trio.lowlevel.current_statistics()``, builds two
+    objects and reads the clock: asked before every request it was an eighth
+    of the daemon's Python time while creating files.  The run loop's own
+    queues answer the same question without allocating; if this trio lays
+    them out differently, the public way is used.  Call inside ``trio.run``.
     """
+    try:
+        runner = trio._core._run.GLOBAL_RUN_CONTEXT.runner
+        entries = runner.entry_queue
+        len(runner.runq), len(entries.queue), len(entries.idempotent_queue)
+    except (AttributeError, TypeError):
+        return _runnable_by_statistics
+
+    def runnable() -> int:
+        return len(runner.runq) + len(entries.queue) + len(entries.idempotent_queue)
+
+    return runnable
+
+
+def _runnable_by_statistics() -> int:
     stats = trio.lowlevel.current_statistics()
-    return bool(stats.tasks_runnable or stats.run_sync_soon_queue_size)
+    return stats.tasks_runnable + stats.run_sync_soon_queue_size
 
 
 class _View:
@@ -117,7 +160,7 @@ def trio_view(waiter: _Waiter | None = None) -> Any:
     """trio as pyfuse3 should see it (see the module docstring)."""
     waiter = waiter or _Waiter()
     lowlevel = _View(trio.lowlevel, wait_readable=waiter.wait_readable)
-    return _View(trio, Lock=BargingLock, lowlevel=lowlevel)
+    return _View(trio, Lock=waiter.lock, lowlevel=lowlevel)
 
 
 def install() -> bool:

@@ -181,5 +181,72 @@ async def test_a_reader_woken_by_the_lock_does_not_divert_the_wait(pipe):
                 assert waiter.woken == [1]
                 await waiter.wait_readable(r)  # polled: trio did not run it
                 assert waiter.woken == [1]
-            await trio.sleep(0)
-            assert waiter.woken == [0]
+    assert waiter.woken == [0]  # it ran, took the lock once free, and left
+
+
+async def test_a_handler_woken_in_the_same_batch_is_not_held_up_by_the_poll(pipe):
+    """trio runs a batch of woken tasks in a random order, off its run queue: the
+    handler the client waits for may be due right after the reader that polls."""
+    r, w = pipe
+    waiter = loop._Waiter(poll_ms=1000, yield_every=1000)
+
+    async def handler(go: trio.Event) -> None:
+        await go.wait()
+        os.write(w, b"x")  # its reply; the next request follows
+
+    async def reader(go: trio.Event) -> None:
+        await go.wait()
+        await waiter.wait_readable(r)
+        assert os.read(r, 1) == b"x"
+
+    for _ in range(12):  # each order of the two comes up with probability 1/2
+        go = trio.Event()
+
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(handler, go)
+                nursery.start_soon(reader, go)
+                await trio.sleep(0.01)  # both wait on the event
+                t0 = time.monotonic()
+                go.set()  # both scheduled in one batch
+        assert time.monotonic() - t0 < 0.5  # not after the 1 s poll
+
+
+async def test_a_burst_is_waited_for_busily_and_a_pause_ends_the_spinning(pipe):
+    r, w = pipe
+    waiter = loop._Waiter(poll_ms=1, yield_every=1000, spin_us=50)
+    assert not waiter.spinning  # nothing came yet: sleep first
+    os.write(w, b"x")
+    await waiter.wait_readable(r)  # a request at once: part of a burst
+    assert waiter.spinning
+    await waiter.wait_readable(r)  # still readable: the spin finds it
+    assert waiter.spinning
+    os.read(r, 1)
+
+    async def write_later(task_status=trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        await trio.sleep(0.05)
+        os.write(w, b"x")
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(write_later)
+            await trio.sleep(0)  # it sleeps: nothing for trio to run
+            await waiter.wait_readable(r)  # the spin, then the 1 ms poll, find nothing
+    assert not waiter.spinning  # a pause: the next wait sleeps at once
+    assert os.read(r, 1) == b"x"
+
+
+async def test_spin_us_0_never_spins(pipe):
+    r, w = pipe
+    waiter = loop._Waiter(poll_ms=1, yield_every=1000, spin_us=0)
+    os.write(w, b"x")
+    for _ in range(3):
+        await waiter.wait_readable(r)
+        assert not waiter.spinning
+
+
+def test_install_passes_the_spin_on(monkeypatch):
+    monkeypatch.setattr(pyfuse3, "trio", trio)
+    assert loop.install(spin_us=7)
+    assert pyfuse3.trio.lowlevel.wait_readable.__self__.spin_s == 7e-6

@@ -43,6 +43,8 @@ def test_forms():
     assert (cfg.lowers, cfg.upper, cfg.workdir) == (["a", "b"], "u", "w")
     cfg = build_config(["l", "u", "m"], ["ro"])
     assert cfg.read_only and cfg.upper == "u"
+    assert build_config(["l", "u", "m"], []).spin_us == 30
+    assert build_config(["l", "u", "m"], ["spin_us=0"]).spin_us == 0
 
 
 @pytest.mark.parametrize(
@@ -56,6 +58,8 @@ def test_forms():
         (["l", "u", "m"], ["whiteout=aufs"], "whiteout="),
         (["l", "u", "m"], ["fsname="], "fsname"),
         (["l", "u", "m"], ["read_ahead_kb=lots"], "whole number"),
+        (["l", "u", "m"], ["spin_us=-5"], "spin_us= needs a whole number"),
+        (["l", "u", "m"], ["spin_us=2000000"], "spin_us= needs a whole number"),
         (["m"], ["upperdir=u"], "needs -o lowerdir"),
         (["a", "m"], ["lowerdir=l"], "only the mount point"),
         (["a", "b", "c", "d"], [], "usage"),

@@ -171,7 +171,7 @@ class Daemon:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_signals)
             nursery.start_soon(self._when_ready, ready_fd)
-            if not loop.install():
+            if not loop.install(self.cfg.spin_us):
                 log.warning("this pyfuse3 has no trio hook: requests take trio's longer wait")
             await pyfuse3.main()
             nursery.cancel_scope.cancel()

@@ -67,6 +67,7 @@ class MountConfig:
     dircache: bool = True
     acl: bool = True
     volatile: bool = False
+    spin_us: int = 30
     kernel_flags: list[str] = field(default_factory=list)
 
     def fuse_options(self, is_root: bool) -> set[str]:
@@ -200,6 +201,12 @@ def build_config(
             if not value.isdigit():
                 raise ConfigError(f"option read_ahead_kb= needs a whole number, not {value!r}", 2)
             cfg.read_ahead_kb = int(value)
+        elif key == "spin_us":
+            if not value.isdigit() or int(value) > 1_000_000:
+                raise ConfigError(
+                    f"option spin_us= needs a whole number of us (0-1000000), not {value!r}", 2
+                )
+            cfg.spin_us = int(value)
         elif key == "fsname":
             if not value:
                 raise ConfigError("option fsname= needs a value", 2)

@@ -47,8 +47,6 @@ POLL_MS = 1
 YIELD_EVERY = 32
 #: Longest busy wait for the next request before sleeping (us; ``-o spin_us=``).
 SPIN_US = 30
-#: A sleep that a request ends sooner than this is part of a burst: spin again (us).
-REARM_US = 200
 
 
 class BargingLock:
@@ -94,7 +92,9 @@ class _Waiter:
         self.poll_ms = poll_ms
         self.yield_every = yield_every
         self.spin_s = spin_us / 1e6
-        self.rearm_s = REARM_US / 1e6
+        #: A sleep that a request ends sooner than this is part of a burst (the
+        #: wake-up itself takes 10-40 us here): spin again after it.
+        self.rearm_s = 2 * self.spin_s
         #: Busy-wait before the next sleep: requests are coming in a burst.
         self.spinning = False
         self.waits = 0

@@ -8,6 +8,7 @@ tasks still run, even while requests keep coming.
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 import pyfuse3
@@ -137,7 +138,9 @@ def test_install_replaces_only_the_lock_and_the_wait(monkeypatch):
     assert view.open_nursery is trio.open_nursery
     assert view.ClosedResourceError is trio.ClosedResourceError
     assert view.lowlevel.current_trio_token is trio.lowlevel.current_trio_token
-    assert not loop.install()  # once is enough; pyfuse3 without the hook is left alone
+    assert loop.install() and pyfuse3.trio is not view  # a new mount, a new waiter
+    monkeypatch.setattr(pyfuse3, "trio", None)
+    assert not loop.install() and pyfuse3.trio is None  # pyfuse3 without the hook: left alone
 
 
 async def test_the_run_queue_probe_counts_what_trio_would_run():
@@ -250,3 +253,68 @@ def test_install_passes_the_spin_on(monkeypatch):
     monkeypatch.setattr(pyfuse3, "trio", trio)
     assert loop.install(spin_us=7)
     assert pyfuse3.trio.lowlevel.wait_readable.__self__.spin_s == 7e-6
+
+
+async def test_a_thread_result_ends_the_blocking_poll(pipe):
+    r, w = pipe
+    waiter = loop._Waiter(poll_ms=1000, yield_every=1000, spin_us=0)
+    in_thread = threading.Event()
+
+    def work() -> None:  # a big copy-up's data, say
+        in_thread.set()
+        time.sleep(0.05)
+
+    async def handler(task_status=trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        await trio.to_thread.run_sync(work)
+        os.write(w, b"x")  # its reply; the next request follows
+
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(handler)
+            while not in_thread.is_set():  # until the handler waits for its thread
+                await trio.sleep(0.001)
+            t0 = time.monotonic()
+            await waiter.wait_readable(r)
+            assert time.monotonic() - t0 < 0.5  # woken by trio's socket, not the 1 s poll
+    assert os.read(r, 1) == b"x"
+
+
+async def test_a_closed_writer_ends_the_wait_at_once():
+    r, w = os.pipe()
+    os.close(w)
+    waiter = loop._Waiter(poll_ms=1000, yield_every=1000)
+    try:
+        with trio.fail_after(5):
+            await waiter.wait_readable(r)  # POLLHUP: the reader then sees the end
+        assert os.read(r, 1) == b""
+    finally:
+        os.close(r)
+
+
+async def test_the_lock_survives_a_cancelled_waiter_and_a_failing_holder():
+    woken = [0]
+    lock = loop.BargingLock(woken)
+    cancelled = False
+
+    async def impatient(task_status=trio.TASK_STATUS_IGNORED) -> None:
+        nonlocal cancelled
+        with trio.CancelScope() as scope:
+            task_status.started(scope)
+            async with lock:
+                pass
+        cancelled = scope.cancelled_caught
+
+    async with trio.open_nursery() as nursery:
+        async with lock:
+            scope = await nursery.start(impatient)
+            await trio.sleep(0)  # it parks on the held lock
+            scope.cancel()
+            await trio.sleep(0.01)
+        assert cancelled and woken == [0] and not lock.locked()
+    with pytest.raises(ValueError):
+        async with lock:
+            raise ValueError("a failing handler")
+    assert not lock.locked() and woken == [0]
+    async with lock:
+        assert lock.locked()

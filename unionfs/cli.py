@@ -143,6 +143,9 @@ class Daemon:
                     writer.fmt = "oci"
                 upper = Upper(self.stack, table, self.copyup, writer)
             self.ops = UnionOperations(self.stack, table, cfg, upper)
+            # Before init: pyfuse3 before 3.5 makes its read lock there.
+            if not loop.install(cfg.spin_us):
+                log.warning("this pyfuse3 has no trio hook: requests take trio's longer wait")
             pyfuse3.init(self.ops, cfg.mountpoint, cfg.fuse_options(is_root))
             if cfg.dircache and not _dircache_active():
                 log.warning("the kernel will not cache directory listings (_dircache inactive)")
@@ -171,8 +174,6 @@ class Daemon:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._watch_signals)
             nursery.start_soon(self._when_ready, ready_fd)
-            if not loop.install(self.cfg.spin_us):
-                log.warning("this pyfuse3 has no trio hook: requests take trio's longer wait")
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
 

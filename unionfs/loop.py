@@ -111,21 +111,36 @@ class _Waiter:
         self.waits += 1
         if self.waits % self.yield_every and not self._others_ready():
             fileno = fd if isinstance(fd, int) else fd.fileno()
-            poller = self._pollers.get(fileno)
-            if poller is None:
-                poller = self._pollers[fileno] = select.poll()
-                poller.register(fileno, select.POLLIN)
-            if self.spinning and self._spin(poller):
-                return
-            start = time.perf_counter()
-            if poller.poll(self.poll_ms):
-                # readable, or closed: pyfuse3's read then says which
-                self.spinning = self.spin_s > 0 and time.perf_counter() - start < self.rearm_s
-                return
+            poller = self._poller(fileno)
+            events = self._spin(poller) if self.spinning else []
+            if not events:
+                start = time.perf_counter()
+                events = poller.poll(self.poll_ms)
+                if events:
+                    elapsed = time.perf_counter() - start
+                    self.spinning = self.spin_s > 0 and elapsed < self.rearm_s
+            if events and all(ready == fileno for ready, _ in events):
+                return  # readable, or closed: pyfuse3's read then says which
         await trio.lowlevel.wait_readable(fd)
 
-    def _spin(self, poller: select.poll) -> bool:
-        """Busy-wait up to ``spin_s`` for a request; stop spinning if none comes.
+    def _poller(self, fileno: int) -> select.poll:
+        """A poll set of ``fileno`` and trio's wake-up socket.
+
+        trio's worker threads (a big copy-up's data) and signal handlers
+        report through that socket: when it fires, the wait goes through
+        trio, which runs what it reported, instead of sleeping on.
+        """
+        poller = self._pollers.get(fileno)
+        if poller is None:
+            poller = self._pollers[fileno] = select.poll()
+            poller.register(fileno, select.POLLIN)
+            wakeup = _trio_wakeup_fd()
+            if wakeup is not None:
+                poller.register(wakeup, select.POLLIN)
+        return poller
+
+    def _spin(self, poller: select.poll) -> list[tuple[int, int]]:
+        """Busy-wait up to ``spin_s`` for an event; stop spinning if none comes.
 
         Waking a daemon asleep in ``poll`` costs the client more than most
         requests do (a reschedule; on a VM an interrupt through the
@@ -136,11 +151,11 @@ class _Waiter:
         once, and the next spin waits for a request that comes fast again.
         """
         end = time.perf_counter() + self.spin_s
-        while not poller.poll(0):
+        while not (events := poller.poll(0)):
             if time.perf_counter() >= end:
                 self.spinning = False
-                return False
-        return True
+                break
+        return events
 
     def _others_ready(self) -> bool:
         """Has trio something to run now (a handler past a checkpoint, a thread's result)?
@@ -189,6 +204,15 @@ def runnable_probe() -> Callable[[], int]:
     return runnable
 
 
+def _trio_wakeup_fd() -> int | None:
+    """The socket trio's threads and signal handlers write to, if this trio has one."""
+    try:
+        sock = trio._core._run.GLOBAL_RUN_CONTEXT.runner.entry_queue.wakeup.wakeup_sock
+        return int(sock.fileno())
+    except (AttributeError, TypeError, OSError):
+        return None
+
+
 def _runnable_by_statistics() -> int:
     stats = trio.lowlevel.current_statistics()
     return stats.tasks_runnable + stats.run_sync_soon_queue_size
@@ -213,8 +237,12 @@ def trio_view(waiter: _Waiter | None = None) -> Any:
 
 
 def install(spin_us: int = SPIN_US) -> bool:
-    """Make pyfuse3 use the short wait; False if this pyfuse3 has no such hook."""
-    if getattr(pyfuse3, "trio", None) is not trio:
+    """Make pyfuse3 use the short wait; False if this pyfuse3 has no such hook.
+
+    Each call puts a fresh waiter in place (one per mount: what it caches
+    belongs to one ``trio.run``).
+    """
+    if getattr(pyfuse3, "trio", None) is not trio and not isinstance(pyfuse3.trio, _View):
         return False
     pyfuse3.trio = trio_view(_Waiter(spin_us=spin_us))  # type: ignore[attr-defined]
     return True

@@ -372,3 +372,48 @@ def test_acls_and_umask_as_the_kernel(tmp, unpriv_user, unionfs, kernel_overlay)
     assert got == want
     assert got["file-0"] == oct(0o100666) and got["file-77"] == oct(0o100600)
     assert "user:65534:rwx" in str(got["inherit/f acl"])
+
+
+def _over_whiteouts(mnt: str) -> dict[str, str]:
+    """Under a default ACL and umask 077: a file and a directory made where lower ones
+    were deleted (built in the work dir and swapped in for the whiteout)."""
+    d = os.path.join(mnt, "d")
+    subprocess.run(["setfacl", "-d", "-m", "u:nobody:rwx", d], check=True)
+    os.unlink(os.path.join(d, "f"))
+    shutil.rmtree(os.path.join(d, "sub"))
+    out: dict[str, str] = {}
+    old = os.umask(0o077)
+    try:
+        os.close(os.open(os.path.join(d, "f"), os.O_CREAT | os.O_WRONLY, 0o666))
+        os.mkdir(os.path.join(d, "sub"), 0o777)
+    finally:
+        os.umask(old)
+    for n in ("f", "sub"):
+        p = os.path.join(d, n)
+        acl = subprocess.run(["getfacl", "-c", "-n", p], capture_output=True, text=True)
+        out[n] = f"{oct(os.stat(p).st_mode)}\n{acl.stdout}"
+    return out
+
+
+@pytest.mark.skipif(shutil.which("setfacl") is None, reason="setfacl (package acl) missing")
+def test_objects_made_over_whiteouts_inherit_the_default_acl(tmp, unionfs, kernel_overlay):
+    """The parent's default ACL (and its umask rule) applies to an object that replaces
+    a whiteout as to any other new object, as on kernel overlayfs."""
+    mounts = []
+    for side in ("u", "k"):
+        lower = tmp / f"{side}-lower"
+        (lower / "d" / "sub").mkdir(parents=True)
+        (lower / "d" / "f").write_text("lower\n")
+        (lower / "d" / "sub" / "g").write_text("lower\n")
+        (tmp / f"{side}-upper").mkdir()
+        if side == "u":
+            mounts.append(unionfs([lower], tmp / "u-upper"))
+        else:
+            mounts.append(kernel_overlay([lower], tmp / "k-upper"))
+    got, want = (_over_whiteouts(str(m.mnt)) for m in mounts)
+    assert got == want
+    assert "user:65534:rwx" in got["f"] and "default:user:65534:rwx" in got["sub"]
+    work = tmp / ".u-upper.unionfs-work"
+    assert work.is_dir()
+    names = [n for _, dirs, files in os.walk(work) for n in dirs + files]
+    assert not [n for n in names if n.startswith("#")]  # no building dir left behind

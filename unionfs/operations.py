@@ -26,7 +26,7 @@ from . import markers
 from .inodes import InodeTable, Node
 from .layers import Entry, LayerStack
 from .options import MountConfig
-from .upper import Upper
+from .upper import DEFAULT_ACL, Upper
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +71,6 @@ def _start_reading(fd: int) -> None:
         os.posix_fadvise(fd, 0, _READ_AHEAD_AT_OPEN, os.POSIX_FADV_WILLNEED)
 
 
-#: The xattr of a directory's default ACL, which new objects in it inherit.
-_DEFAULT_ACL = b"system.posix_acl_default"
-
-
 def _masked(mode: int, umask: int, default_acl: bool) -> int:
     """The permission bits of a new object, as the kernel gives them on its own files.
 
@@ -88,7 +84,7 @@ def _masked(mode: int, umask: int, default_acl: bool) -> int:
 
 def _has_default_acl(dir_fd: int) -> bool:
     try:
-        os.getxattr(b"/proc/self/fd/%d" % dir_fd, _DEFAULT_ACL)
+        os.getxattr(b"/proc/self/fd/%d" % dir_fd, DEFAULT_ACL)
     except OSError:
         return False
     return True
@@ -478,7 +474,7 @@ class UnionOperations(pyfuse3.Operations):
         its cached xattr names, or the work dir (over a whiteout), asked.
         """
         if parent.layer == 0 and dir_fd == self.stack.dirfd(0, parent.path()):
-            acl = _DEFAULT_ACL in self._xattr_names(parent)
+            acl = DEFAULT_ACL in self._xattr_names(parent)
         else:
             acl = _has_default_acl(dir_fd)
         return _masked(mode, ctx.umask, acl)

@@ -87,28 +87,35 @@ class Upper:
         if st is None and not (is_dir and (oci_wh or self.lower_has(parent, name))):
             fd = make(pfd, name)
         else:
-            work = self.copyup.work_fd
+            nest = self._nest_with_default_acl(path)
+            work = self.copyup.work_fd if nest is None else nest[0]
             tmp = self.copyup.temp_name()
-            fd = make(work, tmp)
             try:
-                if is_dir:
-                    dfd = os.open(tmp, _PATH_DIR, dir_fd=work)
-                    try:
-                        self.writer.set_opaque(dfd)
-                    finally:
-                        os.close(dfd)
-                if st is None:
-                    renameat2(work, tmp, pfd, name, RENAME_NOREPLACE)
-                elif is_dir:
-                    renameat2(work, tmp, pfd, name, RENAME_EXCHANGE)
-                    os.unlink(tmp, dir_fd=work)
-                else:
-                    renameat2(work, tmp, pfd, name, 0)
-            except BaseException:
-                if fd is not None:
-                    os.close(fd)
-                self._remove_work(tmp)
-                raise
+                fd = make(work, tmp)
+                try:
+                    if is_dir:
+                        dfd = os.open(tmp, _PATH_DIR, dir_fd=work)
+                        try:
+                            self.writer.set_opaque(dfd)
+                        finally:
+                            os.close(dfd)
+                    if st is None:
+                        renameat2(work, tmp, pfd, name, RENAME_NOREPLACE)
+                    elif is_dir:
+                        renameat2(work, tmp, pfd, name, RENAME_EXCHANGE)
+                        os.unlink(tmp, dir_fd=work)
+                    else:
+                        renameat2(work, tmp, pfd, name, 0)
+                except BaseException:
+                    if fd is not None:
+                        os.close(fd)
+                    if nest is None:
+                        self._remove_work(tmp)
+                    raise
+            finally:
+                if nest is not None:
+                    os.close(nest[0])
+                    self._remove_work(nest[1])
         if oci_wh:
             os.unlink(markers.oci_whiteout_name(name), dir_fd=pfd)
         return fd
@@ -209,6 +216,26 @@ class Upper:
         tmp = self.copyup.temp_name()
         os.mknod(tmp, stat_mod.S_IFCHR, 0, dir_fd=self.copyup.work_fd)
         return tmp
+
+    def _nest_with_default_acl(self, path: tuple[bytes, ...]) -> tuple[int, bytes] | None:
+        """A work-dir subdirectory carrying the upper dir ``path``'s default ACL, if it has one.
+
+        An object built in the work dir (to replace a whiteout atomically)
+        would inherit the work dir's default ACL, not its parent's; built in
+        this subdirectory, the kernel applies the parent's ACL and umask rule
+        to it, as kernel overlayfs does.  Returns its descriptor and name.
+        """
+        acl = self.stack.getxattr(0, path, None, DEFAULT_ACL)
+        if acl is None:
+            return None
+        name = self.copyup.temp_name()
+        os.mkdir(name, 0o700, dir_fd=self.copyup.work_fd)
+        try:
+            os.setxattr(self.copyup.work_path(name), DEFAULT_ACL, acl)
+            return os.open(name, _PATH_DIR, dir_fd=self.copyup.work_fd), name
+        except BaseException:
+            self._remove_work(name)
+            raise
 
     def _remove_work(self, name: bytes) -> None:
         self.copyup.remove(name)
@@ -371,3 +398,5 @@ class Upper:
 
 
 _PATH_DIR = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+#: The xattr of a directory's default ACL, which new objects in it inherit.
+DEFAULT_ACL = b"system.posix_acl_default"

@@ -82,14 +82,6 @@ def _masked(mode: int, umask: int, default_acl: bool) -> int:
     return stat_mod.S_IMODE(mode) if default_acl else stat_mod.S_IMODE(mode) & ~umask
 
 
-def _has_default_acl(dir_fd: int) -> bool:
-    try:
-        os.getxattr(b"/proc/self/fd/%d" % dir_fd, DEFAULT_ACL)
-    except OSError:
-        return False
-    return True
-
-
 @dataclass(slots=True)
 class FileHandle:
     """An open file: the real descriptor and the layer it was opened in."""
@@ -436,7 +428,7 @@ class UnionOperations(pyfuse3.Operations):
         gid = pst.st_gid if sgid else ctx.gid
 
         def made(dir_fd: int, n: bytes) -> int | None:
-            perm = 0 if mode is None else self._new_perm(parent, dir_fd, mode, ctx)
+            perm = 0 if mode is None else self._new_perm(parent, mode, ctx)
             fd = make(dir_fd, n, perm)
             try:
                 if self.is_root:
@@ -467,17 +459,14 @@ class UnionOperations(pyfuse3.Operations):
         self.table.ref(node)
         return node, attrs, fd
 
-    def _new_perm(self, parent: Node, dir_fd: int, mode: int, ctx: pyfuse3.RequestContext) -> int:
-        """Permission bits for a new object made in ``dir_fd``.
+    def _new_perm(self, parent: Node, mode: int, ctx: pyfuse3.RequestContext) -> int:
+        """Permission bits for a new object in ``parent`` (its upper copy by now).
 
-        That is the parent's upper copy, whose default ACL is answered from
-        its cached xattr names, or the work dir (over a whiteout), asked.
+        Its default ACL comes from the cached xattr names.  An object built in
+        the work dir to replace a whiteout is built under the same default ACL
+        (``Upper.create``), so the rule is the parent's either way.
         """
-        if parent.layer == 0 and dir_fd == self.stack.dirfd(0, parent.path()):
-            acl = DEFAULT_ACL in self._xattr_names(parent)
-        else:
-            acl = _has_default_acl(dir_fd)
-        return _masked(mode, ctx.umask, acl)
+        return _masked(mode, ctx.umask, DEFAULT_ACL in self._xattr_names(parent))
 
     @_guard
     async def create(

@@ -93,19 +93,7 @@ class Upper:
             try:
                 fd = make(work, tmp)
                 try:
-                    if is_dir:
-                        dfd = os.open(tmp, _PATH_DIR, dir_fd=work)
-                        try:
-                            self.writer.set_opaque(dfd)
-                        finally:
-                            os.close(dfd)
-                    if st is None:
-                        renameat2(work, tmp, pfd, name, RENAME_NOREPLACE)
-                    elif is_dir:
-                        renameat2(work, tmp, pfd, name, RENAME_EXCHANGE)
-                        os.unlink(tmp, dir_fd=work)
-                    else:
-                        renameat2(work, tmp, pfd, name, 0)
+                    self._swap_in(work, tmp, pfd, name, replacing=st is not None, is_dir=is_dir)
                 except BaseException:
                     if fd is not None:
                         os.close(fd)
@@ -216,6 +204,25 @@ class Upper:
         tmp = self.copyup.temp_name()
         os.mknod(tmp, stat_mod.S_IFCHR, 0, dir_fd=self.copyup.work_fd)
         return tmp
+
+    def _swap_in(
+        self, work: int, tmp: bytes, pfd: int, name: bytes, replacing: bool, is_dir: bool
+    ) -> None:
+        """Move a new object built as ``tmp`` in ``work`` to ``pfd/name``, over a whiteout if
+        ``replacing``; a directory is made opaque first, so the lower one stays deleted."""
+        if is_dir:
+            dfd = os.open(tmp, _PATH_DIR, dir_fd=work)
+            try:
+                self.writer.set_opaque(dfd)
+            finally:
+                os.close(dfd)
+        if not replacing:
+            renameat2(work, tmp, pfd, name, RENAME_NOREPLACE)
+        elif is_dir:
+            renameat2(work, tmp, pfd, name, RENAME_EXCHANGE)
+            os.unlink(tmp, dir_fd=work)
+        else:
+            renameat2(work, tmp, pfd, name, 0)
 
     def _nest_with_default_acl(self, path: tuple[bytes, ...]) -> tuple[int, bytes] | None:
         """A work-dir subdirectory carrying the upper dir ``path``'s default ACL, if it has one.

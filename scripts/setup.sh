@@ -16,6 +16,11 @@ pkg-config --exists fuse3 2>/dev/null || need_apt+=(libfuse3-dev pkg-config)
 command -v setfattr >/dev/null || need_apt+=(attr)
 command -v gcc >/dev/null || need_apt+=(gcc)
 $PY -c 'import ensurepip, venv' 2>/dev/null || need_apt+=(python3-venv)
+# Peers and programs the tests run against our output (OCI tools, namespaces, real programs).
+for pair in umoci:umoci skopeo:skopeo newuidmap:uidmap debootstrap:debootstrap zstd:zstd \
+    bwrap:bubblewrap fuse-overlayfs:fuse-overlayfs git:git sqlite3:sqlite3; do
+  command -v "${pair%%:*}" >/dev/null || need_apt+=("${pair#*:}")
+done
 [ -e "$($PY -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" ] \
   || need_apt+=(python3-dev)
 if [ ${#need_apt[@]} -gt 0 ]; then

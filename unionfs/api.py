@@ -240,7 +240,7 @@ def mount(
     *,
     read_only: bool = False,
     debug: bool = False,
-    timeout: float | None = 120.0,
+    start_timeout: float | None = 120.0,
     **options: object,
 ) -> Mount:
     """Mount and return a :class:`Mount` once the mount is served; see :func:`mounted`.
@@ -254,29 +254,29 @@ def mount(
     mnt = os.path.realpath(os.fspath(mountpoint))
     words = option_words(read_only, **options)
     before = set(_mount_ids(mnt))
+    deadline = None if start_timeout is None else time.monotonic() + start_timeout
     r, w = os.pipe()
     try:
-        cmd = mount_command(lowers, upper, mountpoint, words, w, debug)
         proc = subprocess.Popen(
-            cmd,
+            mount_command(lowers, upper, mountpoint, words, w, debug),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
             pass_fds=(w,),
             start_new_session=True,
             env=_child_env(),
         )
+    except BaseException:
+        os.close(r)
         os.close(w)
-        w = -1
-        deadline = None if timeout is None else time.monotonic() + timeout
-        try:
-            report = _read_report(r, deadline)
-        except BaseException:  # KeyboardInterrupt while waiting: leave nothing
-            _abandon(proc, mnt, before, terminate=True)
-            raise
+        raise
+    os.close(w)
+    try:
+        report = _read_report(r, deadline)
+    except BaseException:  # KeyboardInterrupt while waiting: leave nothing
+        _abandon(proc, mnt, before, terminate=True)
+        raise
     finally:
         os.close(r)
-        if w >= 0:
-            os.close(w)
     if report == "OK":
         new = [i for i, fstype in _mount_ids(mnt).items() if i not in before and "fuse" in fstype]
         if new:
@@ -286,7 +286,7 @@ def mount(
     # After its error message the daemon ends by itself; a silent one is stopped.
     _abandon(proc, mnt, before, terminate=report is None)
     if report is None:
-        raise MountError(f"cannot mount {mnt!r}: no answer within {timeout} s", 1)
+        raise MountError(f"cannot mount {mnt!r}: no answer within {start_timeout} s", 1)
     if not report:
         report = f"unionfs-mount exited with status {proc.returncode} during start-up"
     raise MountError(report, proc.returncode or 1)
@@ -308,7 +308,7 @@ def mounted(
     *,
     read_only: bool = False,
     debug: bool = False,
-    timeout: float | None = 120.0,
+    start_timeout: float | None = 120.0,
     **options: object,
 ) -> Iterator[Mount]:
     """Mount the union of ``lowers`` (first on top) and ``upper`` at ``mountpoint``.
@@ -320,7 +320,8 @@ def mounted(
     answered; raises :class:`MountError` with the daemon's message on bad input
     or a failed mount, with nothing mounted, created or left running.  On exit
     the mount is unmounted (detached if busy) and the daemon reaped.
-    ``timeout`` bounds the wait for the mount to answer (None: no bound).
+    ``start_timeout`` bounds the wait for the mount to answer (None: no bound);
+    ``timeout=`` is unionfs-mount's cache option, as everywhere.
     """
     m = mount(
         lowers,
@@ -328,7 +329,7 @@ def mounted(
         mountpoint,
         read_only=read_only,
         debug=debug,
-        timeout=timeout,
+        start_timeout=start_timeout,
         **options,
     )
     with m:

@@ -374,6 +374,24 @@ def test_root_fstab_line_with_setuid_runs_the_daemon_as_that_user(tmp, unpriv_us
         _wait_gone(daemon)
 
 
+@pytest.mark.root
+def test_mount_a_knows_the_entry_is_mounted_by_its_source(tmp):
+    """mount -a skips an fstab entry whose source and target are mounted: the SOURCE
+    label must be what /proc/mounts shows, or every mount -a would stack another mount."""
+    lower, up, work, mnt = _layers(tmp)
+    fstab = _fstab_line(mnt, lower, up, work, "auto").replace("unionfs ", "base-layers ", 1)
+    with namespace(tmp, fstab) as ns:
+        for _ in range(2):
+            r = ns.run(["mount", "-a"])
+            assert r.returncode == 0, r.stderr
+        (line,) = ns.mountinfo(mnt)
+        assert " fuse.unionfs base-layers " in line
+        daemon = _daemon(ns)
+        r = ns.run(["umount", str(mnt)])
+        assert r.returncode == 0, r.stderr
+        _wait_gone(daemon)
+
+
 def test_user_mount_with_a_throwaway_fstab_T(tmp, unpriv_user):
     """`mount -T FILE MNT` by a user: mount(8) drops its setuid privileges (FUSE needs
     none) and keeps the user's PATH, so the venv's command is found without any link."""

@@ -21,6 +21,7 @@ import os
 import select
 import shutil
 import signal
+import site
 import subprocess
 import sys
 import time
@@ -101,10 +102,16 @@ def mount_command(
 
 
 def _child_env() -> dict[str, str]:
-    """The caller's environment, with this package's directory first on PYTHONPATH."""
+    """The caller's environment; PYTHONPATH leads to this package when the site does not.
+
+    The caller may have imported unionfs from a source tree (sys.path set by
+    hand); a site-packages directory is never put on PYTHONPATH, where it
+    would come before the standard library.
+    """
     env = dict(os.environ)
     top = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join([top, *filter(None, [env.get("PYTHONPATH")])])
+    if top not in {*site.getsitepackages(), site.getusersitepackages()}:
+        env["PYTHONPATH"] = os.pathsep.join([top, *filter(None, [env.get("PYTHONPATH")])])
     return env
 
 
@@ -289,7 +296,7 @@ def mount(
         raise MountError(f"cannot mount {mnt!r}: no answer within {start_timeout} s", 1)
     if not report:
         report = f"unionfs-mount exited with status {proc.returncode} during start-up"
-    raise MountError(report, proc.returncode or 1)
+    raise MountError(report, proc.returncode if proc.returncode and proc.returncode > 0 else 1)
 
 
 def _abandon(proc: subprocess.Popen[bytes], mnt: str, before: set[int], terminate: bool) -> None:

@@ -199,3 +199,20 @@ def test_unprivileged_user(tmp: Path, unpriv_user: support.User) -> None:
         "after": 0,
     }
     assert (home / "upper" / "t.db").stat().st_uid == unpriv_user.uid
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [(["--ready-fd", "0"], "--ready-fd needs -f"), (["-f", "--ready-fd", "97"], "--ready-fd 97")],
+)
+def test_ready_fd_misuse_is_one_line(layers: tuple[Path, Path, Path], args, fragment) -> None:
+    lower, up, mnt = layers
+    r = subprocess.run(
+        [*support.unionfs_command(), *args, str(lower), str(up), str(mnt)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2
+    assert r.stderr.startswith("unionfs-mount: ") and fragment in r.stderr, r.stderr
+    assert len(r.stderr.splitlines()) == 1 and not support.is_mounted(mnt)

@@ -397,7 +397,7 @@ def test_user_mount_with_a_throwaway_fstab_T(tmp, unpriv_user):
     none) and keeps the user's PATH, so the venv's command is found without any link."""
     lower, up, work, mnt = _layers(tmp, owner=unpriv_user)
     fstab = tmp / "fstab"
-    fstab.write_text(_fstab_line(mnt, lower, up, work, "noauto"))
+    fstab.write_text(_fstab_line(mnt, lower, up, work, "noauto,user"))
     bindir = os.path.dirname(support.unionfs_command()[0])
     env = {"PATH": f"{bindir}:/usr/bin:/bin", "LANG": "C"}
     as_user = support.as_user(unpriv_user)

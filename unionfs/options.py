@@ -270,7 +270,9 @@ def build_config(
         cfg.mountpoint = positional[-1]
         if len(positional) == 2 and positional[0] and "fsname" not in values:
             # mount(8)'s SOURCE: a label, shown in /proc/mounts as the kernel's overlay
-            # shows its own; umount(8) and mount -a match fstab entries by it.
+            # shows its own; umount(8) and mount -a match fstab entries by it (so
+            # fuse-overlayfs, which ignores it and shows its name, is mounted again by
+            # every mount -a).
             cfg.fsname = positional[0]
     else:
         if upperdir is not None:

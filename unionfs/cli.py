@@ -55,7 +55,23 @@ def parse_args(argv: list[str]) -> MountConfig:
     parser.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]")
     parser.add_argument("--version", action="version", version=f"unionfs {__version__}")
     args = parser.parse_args(argv)
-    return build_config(args.paths, args.options, args.foreground or args.debug, args.debug)
+    cfg = build_config(args.paths, args.options, args.foreground or args.debug, args.debug)
+    resolve_images(cfg)
+    return cfg
+
+
+def resolve_images(cfg: MountConfig) -> None:
+    """``image:NAME[:TAG]`` lowers become the image's layer dirs from the store
+    (``$UNIONFS_STORE`` or the default one); plain directories stay."""
+    if not any(lower.startswith("image:") for lower in cfg.lowers):
+        return
+    from .image.store import resolve_lowers
+    from .oci.layout import ImageError
+
+    try:
+        cfg.lowers = resolve_lowers(cfg.lowers)
+    except ImageError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _session_helper() -> Any:

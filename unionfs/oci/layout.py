@@ -229,9 +229,16 @@ class _ZstdReader:
 
 def _clean(rel: str) -> str:
     """A path named inside a source, kept inside it."""
-    parts = [p for p in rel.split("/") if p not in ("", ".")]
-    if ".." in parts:
-        raise ImageError(f"path {rel!r} in the image points outside it")
+    parts: list[str] = []
+    for p in rel.split("/"):
+        if p in ("", "."):
+            continue
+        if p == "..":
+            if not parts:
+                raise ImageError(f"path {rel!r} in the image points outside it")
+            parts.pop()
+        else:
+            parts.append(p)
     return "/".join(parts)
 
 

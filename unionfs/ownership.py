@@ -229,6 +229,11 @@ def to_host(idmap: IdMap, cont_id: int) -> int | None:
 
 
 def _proc(dir_fd: int, name: bytes | None) -> bytes:
+    """The /proc path of an object for the xattr calls, which take no dir_fd.
+
+    Use with ``follow_symlinks=name is None``: the magic link itself must be
+    followed (to the object, never further), a final name must not.
+    """
     base = b"/proc/self/fd/%d" % dir_fd
     return base if name is None else base + b"/" + name
 
@@ -242,7 +247,7 @@ def read_override_xattrs(dir_fd: int, name: bytes | None) -> Override | None:
     path = _proc(dir_fd, name)
     for xname in (*OVERRIDE_XATTRS, ROOTLESS_XATTR):
         try:
-            value = os.getxattr(path, xname, follow_symlinks=False)
+            value = os.getxattr(path, xname, follow_symlinks=name is None)
         except OSError as e:
             if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EPERM, errno.EACCES):
                 continue
@@ -263,10 +268,11 @@ def write_override_xattr(dir_fd: int, name: bytes | None, ov: Override) -> None:
     Older names an object may carry are removed so that one value is read.
     """
     path = _proc(dir_fd, name)
-    os.setxattr(path, CONTAINERS_XATTR, format_override(ov), follow_symlinks=False)
+    follow = name is None
+    os.setxattr(path, CONTAINERS_XATTR, format_override(ov), follow_symlinks=follow)
     for old in (FUSEOVERLAYFS_XATTR, ROOTLESS_XATTR):
         with contextlib.suppress(OSError):
-            os.removexattr(path, old, follow_symlinks=False)
+            os.removexattr(path, old, follow_symlinks=follow)
 
 
 def xattr_capable(st_mode: int) -> bool:

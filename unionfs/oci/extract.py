@@ -250,7 +250,7 @@ class Extractor:
                 continue
             target = key if action == "set" else ownership.SAVED_XATTR_PREFIX + key
             try:
-                os.setxattr(path, target, value, follow_symlinks=False)
+                os.setxattr(path, target, value, follow_symlinks=name is None)
             except OSError as e:
                 log.debug("xattr %r not set: %s", key, e.strerror)
                 self.stats.dropped_xattrs[os.fsdecode(key)] += 1

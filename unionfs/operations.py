@@ -626,13 +626,19 @@ class UnionOperations(pyfuse3.Operations):
         ofd = self._object_fd(node)
         try:
             path = b"/proc/self/fd/%d" % ofd
-            if self._record_attrs(ofd, attr, fields):
-                pass  # owner and mode went into the override
-            elif fields.update_uid or fields.update_gid:
+            recorded = self._record_attrs(ofd, attr, fields)  # into the override
+            if (fields.update_uid or fields.update_gid) and not recorded:
                 uid = attr.st_uid if fields.update_uid else -1
                 gid = attr.st_gid if fields.update_gid else -1
-                os.chown(path, uid, gid)
-            if fields.update_mode:
+                if self.owners is None:
+                    os.chown(path, uid, gid)
+                else:  # uidmapping=/gidmapping=; with a squash, errors are ignored
+                    try:
+                        os.chown(path, *self.owners.mapping.disk(uid, gid))
+                    except OSError:
+                        if not self.owners.mapping.squashing:
+                            raise
+            if fields.update_mode and not recorded:
                 os.chmod(path, stat_mod.S_IMODE(attr.st_mode))
             if fields.update_size:
                 if handle is not None and handle.layer == 0:

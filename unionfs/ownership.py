@@ -466,7 +466,7 @@ class Presenter:
         if read_override_xattrs(layer_fds[0], None) is not None:
             return
         for i in sorted(self.marked - {0}):
-            ov = read_override_xattrs(layer_fds[i], None)
+            ov = self.lookup(i, layer_fds[i], None, b"")
             if ov is not None:
                 with contextlib.suppress(OSError):
                     write_override_xattr(layer_fds[0], None, ov)

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import imagetools as it
 import pytest
-import support
 
 from unionfs import ownership
 from unionfs.ownership import Override
+
+import support
 
 # -- formats (pure) ---------------------------------------------------------------
 
@@ -219,7 +220,7 @@ def test_rootless_mount_shows_the_images_owners(
     )
     assert r.returncode != 0 and b"Permission denied" in r.stderr
     # The store's files themselves belong to the user, with no setuid bit.
-    real = Path(Store_layer(user_image, mnt)) / "bin/su"
+    real = Path(store_layer(user_image)) / "bin/su"
     st = real.stat()
     assert st.st_uid == unpriv_user.uid and not st.st_mode & 0o4000
     # Ownership xattrs are the union's: not listed through the mount.
@@ -232,7 +233,7 @@ def test_rootless_mount_shows_the_images_owners(
     assert "override_stat" not in r.stdout
 
 
-def Store_layer(store: Path, _mnt: Path) -> str:  # noqa: N802
+def store_layer(store: Path) -> str:
     from unionfs.image import Store
 
     return Store.open(str(store)).image("img:1").layers[-1]

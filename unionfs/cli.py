@@ -71,7 +71,23 @@ def parse_args(argv: list[str]) -> MountConfig:
 
 
 def _config(args: argparse.Namespace) -> MountConfig:
-    return build_config(args.paths, args.options, args.foreground or args.debug, args.debug)
+    cfg = build_config(args.paths, args.options, args.foreground or args.debug, args.debug)
+    resolve_images(cfg)
+    return cfg
+
+
+def resolve_images(cfg: MountConfig) -> None:
+    """``image:NAME[:TAG]`` lowers become the image's layer dirs from the store
+    (``$UNIONFS_STORE`` or the default one); plain directories stay."""
+    if not any(lower.startswith("image:") for lower in cfg.lowers):
+        return
+    from .image.store import resolve_lowers
+    from .oci.layout import ImageError
+
+    try:
+        cfg.lowers = resolve_lowers(cfg.lowers)
+    except ImageError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _ready_fd(args: argparse.Namespace) -> int | None:

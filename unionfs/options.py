@@ -88,6 +88,14 @@ class MountConfig:
     volatile: bool = False
     spin_us: int = 30
     kernel_flags: list[str] = field(default_factory=list)
+    #: fuse-overlayfs' ownership options (see unionfs.ownership): id mappings
+    #: CONTAINER:HOST:SIZE triples, squash targets, and ``xattr_permissions``
+    #: (None: on when a lower carries ownership metadata; 0 off; 2 on).
+    uidmapping: tuple[tuple[int, int, int], ...] = ()
+    gidmapping: tuple[tuple[int, int, int], ...] = ()
+    squash_uid: int | None = None
+    squash_gid: int | None = None
+    xattr_permissions: int | None = None
 
     def fuse_options(self, is_root: bool) -> set[str]:
         """The option set for ``pyfuse3.init`` (default_permissions is forced)."""
@@ -206,6 +214,7 @@ def build_config(
             flags.add(key)
 
     cfg = MountConfig(lowers=[], upper=None, mountpoint="", foreground=foreground, debug=debug)
+    squash_root = False
     for flag in flags:
         if flag == "ro":
             cfg.read_only = True
@@ -225,11 +234,16 @@ def build_config(
             cfg.debug = True
         elif flag == "default_permissions":
             pass  # always on
+        elif flag == "squash_to_root":
+            squash_root = True
         elif flag in KERNEL_FLAGS or flag in FUSE_FLAGS:
             cfg.kernel_flags.append(flag)
         else:
             raise ConfigError(f"unknown option {flag!r}", 2)
 
+    if squash_root:
+        cfg.squash_uid = 0 if cfg.squash_uid is None else cfg.squash_uid
+        cfg.squash_gid = 0 if cfg.squash_gid is None else cfg.squash_gid
     lowerdir = values.pop("lowerdir", None)
     upperdir = values.pop("upperdir", None)
     for key, value in values.items():
@@ -259,13 +273,15 @@ def build_config(
             if not value:
                 raise ConfigError("option fsname= needs a value", 2)
             cfg.fsname = value
+        elif key in _OWNERSHIP_KEYS:
+            _ownership_option(cfg, key, value)
         else:
             raise ConfigError(f"unknown option {key + '='!r}", 2)
 
     if lowerdir is not None:
         if len(positional) not in (1, 2):
             raise ConfigError("with -o lowerdir=, give only [SOURCE] MNT", 2)
-        cfg.lowers = split_lowerdirs(lowerdir)
+        cfg.lowers = [lowerdir] if lowerdir.startswith("image:") else split_lowerdirs(lowerdir)
         cfg.upper = upperdir
         cfg.mountpoint = positional[-1]
         if len(positional) == 2 and positional[0] and "fsname" not in values:
@@ -277,7 +293,12 @@ def build_config(
     else:
         if upperdir is not None:
             raise ConfigError("-o upperdir= needs -o lowerdir= too", 2)
-        if len(positional) == 3:
+        if len(positional) in (2, 3) and positional[0].startswith("image:"):
+            # An image of the store (resolved by the image hook): its NAME:TAG has a colon.
+            cfg.lowers = [positional[0]]
+            cfg.upper = positional[1] if len(positional) == 3 else None
+            cfg.mountpoint = positional[-1]
+        elif len(positional) == 3:
             cfg.lowers = split_lowerdirs(positional[0])
             cfg.upper, cfg.mountpoint = positional[1], positional[2]
         elif len(positional) == 2:
@@ -293,6 +314,36 @@ def build_config(
     if cfg.volatile and cfg.read_only:
         raise ConfigError("-o volatile needs a writable upper directory", 2)
     return cfg
+
+
+_OWNERSHIP_KEYS = (
+    "uidmapping",
+    "gidmapping",
+    "squash_to_uid",
+    "squash_to_gid",
+    "xattr_permissions",
+)
+
+
+def _ownership_option(cfg: MountConfig, key: str, value: str) -> None:
+    """fuse-overlayfs' spelling of the ownership options (containers.md §4.3)."""
+    if key in ("uidmapping", "gidmapping"):
+        from .ownership import parse_idmap  # pure; no import cost for other mounts
+
+        try:
+            setattr(cfg, key, parse_idmap(value))
+        except ValueError as e:
+            raise ConfigError(f"option {key}=: {e}", 2) from None
+    elif key in ("squash_to_uid", "squash_to_gid"):
+        if not value.isdigit():
+            raise ConfigError(f"option {key}= needs a numeric id, not {value!r}", 2)
+        setattr(cfg, "squash_uid" if key == "squash_to_uid" else "squash_gid", int(value))
+    else:
+        if value not in ("0", "2"):
+            raise ConfigError(
+                "option xattr_permissions= takes 0 (off) or 2 (user.containers.override_stat)", 2
+            )
+        cfg.xattr_permissions = int(value)
 
 
 def _inside(child: str, parent: str) -> bool:

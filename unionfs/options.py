@@ -24,9 +24,6 @@ KERNEL_FLAGS = frozenset(
         "exec",
         "noatime",
         "atime",
-        "relatime",
-        "nodiratime",
-        "diratime",
         "dirsync",
         "sync",
         "async",
@@ -47,6 +44,11 @@ MOUNT_TOOL_FLAGS = frozenset(
 MOUNT_TOOL_KEYS = frozenset({"user", "comment"})
 #: Prefixes of fstab options kept for other programs (systemd, udisks): ``x-systemd.*``.
 MOUNT_TOOL_PREFIXES = ("x-", "X-")
+#: Mount flags a FUSE mount has anyway (the kernel's defaults) but that libfuse cannot
+#: pass (it refuses the whole mount): accepted, as fstab lines often spell them.
+FUSE_DEFAULT_FLAGS = frozenset({"relatime", "diratime", "nostrictatime", "nolazytime"})
+#: Mount flags libfuse and fusermount3 cannot pass at all: refused, not ignored.
+NOT_FOR_FUSE = frozenset({"nodiratime", "strictatime", "lazytime"})
 #: Options only mount.fuse3 can act on, before it runs the filesystem.  Reaching
 #: unionfs-mount they were not acted on; ignoring a request to drop privileges
 #: would run the daemon with more rights than asked, so they are refused.
@@ -158,16 +160,22 @@ def split_options(words: list[str]) -> list[str]:
 
 
 def is_mount_tool_option(word: str) -> bool:
-    """True for an option meant for mount(8), fstab or mount.fuse3, not for unionfs.
+    """True for an option meant for mount(8), fstab or mount.fuse3, not for unionfs,
+    or a mount flag every FUSE mount has anyway.
 
-    Refuses (ConfigError) the ones only mount.fuse3 can carry out.
+    Refuses (ConfigError) the ones only mount.fuse3 can carry out, and mount
+    flags a FUSE mount cannot have.
     """
     key, eq, _ = word.partition("=")
     if key in HELPER_ONLY:
         raise ConfigError(f"option {word!r} {HELPER_ONLY[key]}", 2)
+    if word in NOT_FOR_FUSE:
+        raise ConfigError(f"mount flag {word!r} cannot be given to a FUSE mount (libfuse)", 2)
     if key.startswith(MOUNT_TOOL_PREFIXES):
         return True
-    return key in MOUNT_TOOL_KEYS if eq else key in MOUNT_TOOL_FLAGS
+    if eq:
+        return key in MOUNT_TOOL_KEYS
+    return key in MOUNT_TOOL_FLAGS or key in FUSE_DEFAULT_FLAGS
 
 
 def _check_mountpoint_arg(path: str) -> None:

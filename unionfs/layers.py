@@ -306,14 +306,27 @@ class LayerStack:
         return True
 
     def dir_opacity(self, layer: int, path: Path, names: list[bytes] | None = None) -> Opacity:
-        """Opacity of one layer's copy of a directory, from xattrs or the OCI marker."""
-        if names is None:
-            names = self.listxattr(layer, path)
-        opacity = markers.opacity_from_xattrs(names, lambda x: self.getxattr(layer, path, None, x))
-        if opacity is Opacity.OPAQUE:
-            return opacity
-        if self.lstat(layer, path, markers.OPAQUE_NAME) is not None:
-            return Opacity.OPAQUE
+        """Opacity of one layer's copy of a directory, from xattrs or the OCI marker.
+
+        A copy the daemon may not read or search (a root-owned 0700 directory
+        in a rootless mount) cannot be probed: it counts as merging.  That
+        decides nothing anyone can observe, since listing it or looking a name
+        up in it fails with EACCES on that copy anyway; failing here instead
+        would fail the lookup of the directory itself, and with it the listing
+        of its parent (issue 15).
+        """
+        try:
+            if names is None:
+                names = self.listxattr(layer, path)
+            opacity = markers.opacity_from_xattrs(
+                names, lambda x: self.getxattr(layer, path, None, x)
+            )
+            if opacity is Opacity.OPAQUE:
+                return opacity
+            if self.lstat(layer, path, markers.OPAQUE_NAME) is not None:
+                return Opacity.OPAQUE
+        except PermissionError:
+            return Opacity.MERGE
         return opacity
 
     def has_oci_whiteout(self, layer: int, dirpath: Path, name: bytes) -> bool:

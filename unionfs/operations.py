@@ -351,10 +351,10 @@ class UnionOperations(pyfuse3.Operations):
 
     _OPEN_KEEP = os.O_ACCMODE | os.O_APPEND | os.O_SYNC | os.O_DSYNC | os.O_NOATIME
 
-    def _open_fd(self, node: Node, flags: int) -> int:
+    def _open_fd(self, node: Node, flags: int, extra: int = 0) -> int:
         return os.open(
             node.name,
-            (flags & self._OPEN_KEEP) | os.O_NOFOLLOW | os.O_CLOEXEC,
+            (flags & self._OPEN_KEEP) | extra | os.O_NOFOLLOW | os.O_CLOEXEC,
             dir_fd=self.stack.dirfd(node.layer, node.dirpath()),
         )
 
@@ -372,9 +372,10 @@ class UnionOperations(pyfuse3.Operations):
         if flags & os.O_ACCMODE != os.O_RDONLY or truncate:
             # Truncation makes the lower data useless: copy up metadata only.
             await self._writable().copyup.copy_up(node, with_data=not truncate)
-            fd = self._open_fd(node, flags | (os.O_TRUNC if truncate else 0))
-            if truncate:
-                os.ftruncate(fd, 0)
+            # O_TRUNC goes to the real open: Linux truncates on O_RDONLY|O_TRUNC
+            # too, where an ftruncate of the read-only descriptor was EINVAL.
+            # The kernel has checked the caller's write permission (may_open).
+            fd = self._open_fd(node, flags, os.O_TRUNC if truncate else 0)
         else:
             fd = self._open_fd(node, flags)
             _start_reading(fd)

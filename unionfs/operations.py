@@ -376,6 +376,11 @@ class UnionOperations(pyfuse3.Operations):
             # too, where an ftruncate of the read-only descriptor was EINVAL.
             # The kernel has checked the caller's write permission (may_open).
             fd = self._open_fd(node, flags, os.O_TRUNC if truncate else 0)
+        elif node.metacopy:  # metadata only in the upper: read the lower's data
+            assert node.parent is not None and node.parent.dir_layers is not None
+            fd = self.stack.open_metacopy_data(
+                node.dirpath(), node.name, node.parent.dir_layers, node.parent.xwh_layers, flags
+            )
         else:
             fd = self._open_fd(node, flags)
             _start_reading(fd)
@@ -586,7 +591,7 @@ class UnionOperations(pyfuse3.Operations):
         upper = self._writable()
         node = self.table[inode]
         to_zero = fields.update_size and attr.st_size == 0
-        await upper.copyup.copy_up(node, with_data=not to_zero)
+        await upper.copyup.copy_up(node, with_data=not to_zero, meta_only=not fields.update_size)
         handle = self._files.get(fh) if fh is not None else None
         ofd = self._object_fd(node)
         try:
@@ -653,7 +658,7 @@ class UnionOperations(pyfuse3.Operations):
             raise OSError(errno.EOPNOTSUPP, "union-private xattr")
         upper = self._writable()
         node = self.table[inode]
-        await upper.copyup.copy_up(node)
+        await upper.copyup.copy_up(node, meta_only=True)
         ofd = self._object_fd(node)
         try:
             change(b"/proc/self/fd/%d" % ofd)

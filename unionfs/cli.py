@@ -187,7 +187,13 @@ class Daemon:
             if cfg.upper is not None and not cfg.read_only:
                 assert cfg.workdir is not None
                 writer = Writer(cfg.whiteout, ns)
-                self.copyup = CopyUp(self.stack, cfg.workdir, writer, durable=not cfg.volatile)
+                self.copyup = CopyUp(
+                    self.stack,
+                    cfg.workdir,
+                    writer,
+                    durable=not cfg.volatile,
+                    metacopy=cfg.metacopy,
+                )
                 work_fd = self.copyup.work_fd
                 if writer.fmt == "kernel" and not (
                     probe_whiteout(work_fd) and probe_opaque(writer, work_fd)

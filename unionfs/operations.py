@@ -374,10 +374,10 @@ class UnionOperations(pyfuse3.Operations):
 
     _OPEN_KEEP = os.O_ACCMODE | os.O_APPEND | os.O_SYNC | os.O_DSYNC | os.O_NOATIME
 
-    def _open_fd(self, node: Node, flags: int) -> int:
+    def _open_fd(self, node: Node, flags: int, extra: int = 0) -> int:
         return os.open(
             node.name,
-            (flags & self._OPEN_KEEP) | os.O_NOFOLLOW | os.O_CLOEXEC,
+            (flags & self._OPEN_KEEP) | extra | os.O_NOFOLLOW | os.O_CLOEXEC,
             dir_fd=self.stack.dirfd(node.layer, node.dirpath()),
         )
 
@@ -395,9 +395,15 @@ class UnionOperations(pyfuse3.Operations):
         if flags & os.O_ACCMODE != os.O_RDONLY or truncate:
             # Truncation makes the lower data useless: copy up metadata only.
             await self._writable().copyup.copy_up(node, with_data=not truncate)
-            fd = self._open_fd(node, flags | (os.O_TRUNC if truncate else 0))
-            if truncate:
-                os.ftruncate(fd, 0)
+            # O_TRUNC goes to the real open: Linux truncates on O_RDONLY|O_TRUNC
+            # too, where an ftruncate of the read-only descriptor was EINVAL.
+            # The kernel has checked the caller's write permission (may_open).
+            fd = self._open_fd(node, flags, os.O_TRUNC if truncate else 0)
+        elif node.metacopy:  # metadata only in the upper: read the lower's data
+            assert node.parent is not None and node.parent.dir_layers is not None
+            fd = self.stack.open_metacopy_data(
+                node.dirpath(), node.name, node.parent.dir_layers, node.parent.xwh_layers, flags
+            )
         else:
             fd = self._open_fd(node, flags)
             _start_reading(fd)
@@ -621,7 +627,7 @@ class UnionOperations(pyfuse3.Operations):
         upper = self._writable()
         node = self.table[inode]
         to_zero = fields.update_size and attr.st_size == 0
-        await upper.copyup.copy_up(node, with_data=not to_zero)
+        await upper.copyup.copy_up(node, with_data=not to_zero, meta_only=not fields.update_size)
         handle = self._files.get(fh) if fh is not None else None
         ofd = self._object_fd(node)
         try:
@@ -725,7 +731,7 @@ class UnionOperations(pyfuse3.Operations):
             raise OSError(errno.EOPNOTSUPP, "union-private xattr")
         upper = self._writable()
         node = self.table[inode]
-        await upper.copyup.copy_up(node)
+        await upper.copyup.copy_up(node, meta_only=True)
         ofd = self._object_fd(node)
         try:
             change(b"/proc/self/fd/%d" % ofd)

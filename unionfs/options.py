@@ -88,6 +88,7 @@ class MountConfig:
     dircache: bool = True
     acl: bool = True
     volatile: bool = False
+    metacopy: bool = False
     spin_us: int = 30
     kernel_flags: list[str] = field(default_factory=list)
     #: fuse-overlayfs' ownership options (see unionfs.ownership): id mappings
@@ -277,6 +278,10 @@ def build_config(
                     f"option spin_us= needs a whole number of us (0-1000000), not {value!r}", 2
                 )
             cfg.spin_us = int(value)
+        elif key == "metacopy":
+            if value not in ("on", "off"):
+                raise ConfigError(f"option metacopy= takes on or off, not {value!r}", 2)
+            cfg.metacopy = value == "on"
         elif key == "fsname":
             if not value:
                 raise ConfigError("option fsname= needs a value", 2)
@@ -321,6 +326,8 @@ def build_config(
         raise ConfigError("-o workdir= needs an upper directory", 2)
     if cfg.volatile and cfg.read_only:
         raise ConfigError("-o volatile needs a writable upper directory", 2)
+    if cfg.metacopy and cfg.read_only:
+        raise ConfigError("-o metacopy=on needs a writable upper directory", 2)
     return cfg
 
 
@@ -388,6 +395,12 @@ def check_paths(cfg: MountConfig, is_root: bool | None = None) -> None:
     """
     if is_root is None:
         is_root = os.geteuid() == 0
+    if cfg.metacopy and not is_root:
+        raise ConfigError(
+            "-o metacopy=on needs a root mount: kernel overlayfs reads metacopy files only"
+            " with trusted.* xattrs, never in a rootless (userxattr) upper",
+            2,
+        )
 
     def real_dir(path: str, what: str) -> str:
         if not os.path.exists(path):

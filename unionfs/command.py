@@ -33,6 +33,9 @@ class Subcommand(NamedTuple):
 SUBCOMMANDS: dict[str, Subcommand] = {
     "mount": Subcommand("unionfs.cli", "mount a union (the same as unionfs-mount)"),
     "check": Subcommand("unionfs.check", "check or repair an upper (the same as unionfs-check)"),
+    "diff": Subcommand("unionfs.changes.diff", "what an upper changes over its lowers (A/C/D)"),
+    "export-layer": Subcommand("unionfs.changes.export", "write an upper as an OCI layer tar"),
+    "apply": Subcommand("unionfs.changes.apply", "apply an upper's changes onto a directory"),
 }
 
 

@@ -82,6 +82,9 @@ class Change:
     pending_links: int = 0
     #: For DELETED: whether the deleted object was a directory.
     was_dir: bool = False
+    #: For DELETED: hidden by an opaque directory above (or at) its parent, so an
+    #: exported layer needs no whiteout of its own for it.
+    in_opaque: bool = False
 
     @property
     def is_dir(self) -> bool:
@@ -375,6 +378,7 @@ class Scanner:
                         Kind.DELETED,
                         lower=entry.st if entry else None,
                         was_dir=bool(entry and entry.is_dir),
+                        in_opaque=True,
                     )
         elif d.lower is not None:
             for name in sorted(gone):

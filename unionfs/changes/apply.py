@@ -616,6 +616,18 @@ def _load_plan(journal: str) -> tuple[dict[str, Any], list[Step], set[int]]:
     return doc, steps, done
 
 
+def _clear_stale_journal(journal: str) -> None:
+    """Remove what a run killed before its plan was written leaves; refuse anything else."""
+    try:
+        names = set(os.listdir(journal))
+    except FileNotFoundError:
+        return
+    backup = os.path.join(journal, _BACKUP)
+    if not names <= {_BACKUP, f".{_PLAN}.tmp"} or (_BACKUP in names and os.listdir(backup)):
+        raise ApplyError(f"{journal}: exists and is not an apply journal: remove it")
+    shutil.rmtree(journal)
+
+
 def _journal_checks(journal: str, target: str) -> None:
     parent = os.path.dirname(os.path.abspath(journal))
     if os.stat(parent).st_dev != os.stat(target).st_dev:
@@ -715,8 +727,7 @@ def apply(
         steps, actions = plan(changes, tree, select, conflict_check)
         if dry_run:
             return actions
-        if os.path.exists(journal) and os.listdir(journal):
-            raise ApplyError(f"{journal}: exists and is not an apply journal: remove it")
+        _clear_stale_journal(journal)
         os.makedirs(os.path.join(journal, _BACKUP), mode=0o700, exist_ok=True)
         _journal_checks(journal, target)
         doc = {

@@ -608,3 +608,83 @@ def test_journal_with_an_escaping_name_is_refused(tmp: Path):
     r = run_unionfs("apply", "--resume", str(tmp), str(target))
     assert r.returncode == 1 and b"refusing the name" in r.stderr
     assert (tmp / "victim").exists()
+
+
+# --------------------------------------------------------------------------- rootless
+
+
+def test_unprivileged_mount_diff_export_apply(tmp: Path, unionfs, unpriv_user, unpriv_tmp):
+    """A user's mount writes user.overlay.opaque markers; the tools read them as that user.
+
+    The lowers are root's and hold an unreadable file and directory, which the
+    tools never need to read: only the upper is walked.
+    """
+    from support import as_user, chown_tree, run_as
+
+    lower = tmp / "lower"
+    (lower / "work" / "sub").mkdir(parents=True)
+    (lower / "work" / "a").write_text("a\n")
+    (lower / "work" / "sub" / "x").write_text("x\n")
+    (lower / "secret").write_text("root only\n")
+    (lower / "private").mkdir()
+    (lower / "private" / "f").write_text("f\n")
+    os.chmod(lower / "secret", 0o600)
+    os.chmod(lower / "private", 0o700)
+    os.chmod(lower / "work", 0o777)
+    os.chmod(lower / "work" / "sub", 0o777)
+    upper = unpriv_tmp / "upper"
+    upper.mkdir()
+    os.chown(upper, unpriv_user.uid, unpriv_user.gid)
+    m = unionfs([lower], upper, user=unpriv_user)
+    script = (
+        "rm work/a && rm -rf work/sub && mkdir work/sub && echo y > work/sub/y && echo n > work/new"
+    )
+    r = subprocess.run(
+        ["sh", "-c", f'cd "$1" && {script}', "sh", str(m.mnt)],
+        cwd="/",
+        preexec_fn=as_user(unpriv_user),
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode == 0, r.stderr
+    merged = run_as(unpriv_user, snapshot, str(m.mnt / "work"))
+    m.close()
+    assert "user.overlay.opaque" in os.listxattr(upper / "work" / "sub")
+
+    def as_user_run(*args: str) -> subprocess.CompletedProcess[bytes]:
+        return subprocess.run(
+            [*UNIONFS, *args], capture_output=True, cwd="/", preexec_fn=as_user(unpriv_user)
+        )
+
+    r = as_user_run("diff", str(upper))
+    assert r.returncode == 0, r.stderr
+    # A rootless copy-up belongs to the user: "owner" until ownership metadata says otherwise.
+    assert r.stdout.decode().splitlines() == [
+        "C /work (metadata: owner, times)",
+        "D /work/a",
+        "A /work/new",
+        "C /work/sub (metadata: mode, owner, times) (opaque)",
+        "D /work/sub/x",
+        "A /work/sub/y",
+    ]
+    layer = unpriv_tmp / "layer.tar"
+    r = as_user_run("export-layer", str(upper), "-o", str(layer))
+    assert r.returncode == 0, r.stderr
+    with tarfile.open(layer) as tf:
+        names = tf.getnames()
+    assert names == [
+        "work",
+        "work/.wh.a",
+        "work/new",
+        "work/sub",
+        "work/sub/.wh..wh..opq",
+        "work/sub/y",
+    ]
+    target = unpriv_tmp / "target"
+    shutil.copytree(lower / "work", target / "work")
+    chown_tree(target, unpriv_user.uid, unpriv_user.gid)
+    r = as_user_run("apply", str(upper), str(target))
+    assert r.returncode == 0, r.stderr
+    got = snapshot(target / "work", exclude=("uid", "gid"))
+    want = {k: (*v[:7], None, None) for k, v in merged.items()}
+    assert diff_snapshots(want, got, ("merged", "applied")) == []

@@ -735,7 +735,7 @@ def apply(
             "upper": upper,
             "target": target,
             "plan_id": secrets.token_hex(4),
-            "steps": [asdict(s) for s in steps],
+            "steps": [dict(vars(s)) for s in steps],
         }
         _write_atomic(journal, _PLAN, json.dumps(doc).encode())
         _execute(doc, steps, set(), journal, tree, durable, warn, progress)

@@ -178,6 +178,11 @@ def test_diff_equals_full_tree_comparison(scene, tmp: Path):
     lowers, upper, merged, before, _ = scene
     with _kmnt(tmp, lowers, upper) as kview:
         after = snapshot(kview, xattr_prefixes=XATTRS, exclude=("nlink",))
+        # A kernel overlayfs mount point names its upper and lowers in mountinfo.
+        by_mnt = run_unionfs("diff", str(kview))
+    by_upper = run_unionfs("diff", str(upper), "--lower", ":".join(map(str, lowers)))
+    assert by_mnt.returncode == 0, by_mnt.stderr
+    assert by_mnt.stdout == by_upper.stdout
     merged_nl = {k: (*v[:6], None, *v[7:]) for k, v in merged.items()}
     assert diff_snapshots(merged_nl, after, ("unionfs", "kernel")) == []
     before_nl = {k: (*v[:6], None, *v[7:]) for k, v in before.items()}

@@ -61,8 +61,8 @@ def run_unionfs(*args: str, **kw) -> subprocess.CompletedProcess[bytes]:
     return subprocess.run([*UNIONFS, *args], capture_output=True, **kw)
 
 
-def lower_layers(base: Path) -> list[Path]:
-    """Two kernel-format lowers: a whiteout and an opaque dir in the top one."""
+def lower_layers(base: Path, fmt: str | tuple[str, ...] = "kernel") -> list[Path]:
+    """Two lowers (kernel format by default): a whiteout and an opaque dir in the top one."""
     top = {
         "etc": {"motd": "top motd\n", "gone": Whiteout()},
         "opt": Dir({"keep": "kept\n"}, opaque=True),
@@ -83,7 +83,7 @@ def lower_layers(base: Path) -> list[Path]:
         "lnk": Symlink("etc/passwd"),
         "usr": {"lib": {"x.so": "elf\n"}, "share": {"doc": "doc\n"}},
     }
-    return make_layers(base, [top, bottom], "kernel")
+    return make_layers(base, [top, bottom], list(fmt) if isinstance(fmt, tuple) else fmt)
 
 
 WORKLOAD = r"""
@@ -693,3 +693,32 @@ def test_unprivileged_mount_diff_export_apply(tmp: Path, unionfs, unpriv_user, u
     got = snapshot(target / "work", exclude=("uid", "gid"))
     want = {k: (*v[:7], None, None) for k, v in merged.items()}
     assert diff_snapshots(want, got, ("merged", "applied")) == []
+
+
+# --------------------------------------------------------------------------- convert
+
+
+@pytest.mark.parametrize(
+    "fmt", [("oci", "xattr-whiteout"), ("fuse-overlayfs", "oci"), ("user-xattr-whiteout", "kernel")]
+)
+def test_convert_keeps_the_view_and_kernel_overlayfs_reads_the_result(tmp: Path, unionfs, fmt):
+    lowers = lower_layers(tmp / "layers", fmt)
+    m = unionfs(lowers, None, opts=["ro"])
+    before = snapshot(m.mnt, xattr_prefixes=XATTRS)
+    m.close()
+    for layer in lowers:
+        r = run_unionfs("convert", "--to", "kernel", str(layer))
+        assert r.returncode == 0, r.stderr
+    with _kmnt(tmp, lowers) as view:
+        kernel = snapshot(view, xattr_prefixes=XATTRS)
+    assert diff_snapshots(before, kernel, ("before", "kernel")) == []
+    for to in ("oci", "fuse-overlayfs", "kernel"):
+        for layer in lowers:
+            assert run_unionfs("convert", "--to", to, str(layer)).returncode == 0
+        again = run_unionfs("convert", "--to", to, "--dry-run", str(lowers[0]))
+        assert again.stdout == b""  # nothing left to convert
+        m = unionfs(lowers, None, opts=["ro"])
+        assert diff_snapshots(before, snapshot(m.mnt, xattr_prefixes=XATTRS), ("before", to)) == []
+        m.close()
+    names = {p.name for p in lowers[0].rglob("*")}
+    assert not any(n.startswith(".wh.") for n in names)

@@ -537,6 +537,14 @@ def test_apply_select_and_conflict_check(scene, tmp: Path):
     assert got["etc/hostname"] == before["etc/hostname"]  # refused by the check
     assert got["usr/lib/x.so"] == before["usr/lib/x.so"]  # not selected
     assert "data2" not in got
+    # hl/one's other names are hard links to it in the upper; selected alone, each is a copy.
+    target2 = tmp / "target2"
+    shutil.copytree(base, target2, symlinks=True)
+    apply_mod.apply(
+        str(upper), [str(p) for p in lowers], str(target2), select=lambda p: p == (b"hl", b"two")
+    )
+    assert (target2 / "hl" / "two").read_text() == "linked\nchanged\n"
+    assert (target2 / "hl" / "one").read_text() == "linked\n"
 
 
 # --------------------------------------------------------------------------- bad input

@@ -227,6 +227,8 @@ def plan(
     #: Directories whose dirmeta runs once their subtree is done (a stack).
     open_dirs: list[tuple[Path, Step | None]] = []
     removed: set[Path] = set()
+    #: Non-directories this plan writes: the names a later hard link may point at.
+    put_paths: set[Path] = set()
 
     def add(step: Step) -> None:
         step.n = len(steps)
@@ -290,6 +292,9 @@ def plan(
         if c.kind is Kind.SAME or not fully:
             continue
         link = None if c.link is None else [os.fsdecode(x) for x in c.link]
+        if c.link is not None and c.link not in put_paths:
+            link = None  # its first name is not applied (not selected, or refused): a copy
+        put_paths.add(c.path)
         add(Step(0, "put", spath, c.kind.value, _kind_of(tst), link=link, meta=_meta(c)))
         if _kind_of(tst) == "dir":
             removed.add(c.path)  # its old subtree goes to the backup as a whole
@@ -418,7 +423,8 @@ class _Run:
             if step.had is not None and self._exists(pfd, name):
                 self._to_backup(step, pfd, name)
             renameat2(pfd, tmp, pfd, name, RENAME_NOREPLACE)
-        self.tree.forget(path)
+        if step.op == "mkdir" or step.had == "dir":
+            self.tree.forget(path)
 
     def _to_backup(self, step: Step, pfd: int, name: bytes) -> None:
         if self._exists(self.backup_fd, self._bak(step)):

@@ -227,7 +227,7 @@ def test_diff_of_a_mount_point(tmp: Path, unionfs):
     lowers = lower_layers(tmp / "layers")
     upper = tmp / "upper"
     upper.mkdir()
-    m = unionfs(lowers, upper)
+    m = unionfs(lowers, upper, foreground=False)  # a daemon's command line without -f
     subprocess.run(["sh", "-c", "rm etc/passwd; echo n > new"], cwd=m.mnt, check=True)
     r = run_unionfs("diff", str(m.mnt))
     assert r.returncode == 0, r.stderr

@@ -730,3 +730,40 @@ def test_convert_keeps_the_view_and_kernel_overlayfs_reads_the_result(tmp: Path,
         m.close()
     names = {p.name for p in lowers[0].rglob("*")}
     assert not any(n.startswith(".wh.") for n in names)
+
+
+# --------------------------------------------------------------------------- squash
+
+
+def test_squash_over_a_base_shows_the_same_view(tmp: Path, unionfs):
+    from support import write_layer
+
+    l0, l1 = lower_layers(tmp / "layers")
+    base = write_layer(
+        tmp / "B",
+        {
+            "etc": {"gone": "in the base too\n", "base-only": "b\n"},
+            "opt": {"hidden": "base\n"},
+            "data": {"from-base": "x\n"},
+            "hl": {"base": "b\n"},
+        },
+    )
+    out = tmp / "squashed"
+    r = run_unionfs("squash", f"{l0}:{l1}", "-o", str(out))
+    assert r.returncode == 0, r.stderr
+    with _kmnt(tmp, [l0, l1, base]) as view:
+        want = snapshot(view, xattr_prefixes=XATTRS)
+    (tmp / "kview").rmdir()
+    with _kmnt(tmp, [out, base]) as view:
+        got = snapshot(view, xattr_prefixes=XATTRS)
+    assert diff_snapshots(want, got, ("three layers", "squashed")) == []
+    # Only markers that can matter below: etc/gone's whiteout, opt opaque (from L0).
+    assert stat.S_ISCHR(os.lstat(out / "etc" / "gone").st_mode)
+    assert os.getxattr(out / "opt", "trusted.overlay.opaque") == b"y"
+    assert "trusted.overlay.opaque" not in os.listxattr(out / "etc")
+    oci = tmp / "squashed-oci"
+    assert run_unionfs("squash", f"{l0}:{l1}", "-o", str(oci), "--format", "oci").returncode == 0
+    m = unionfs([oci, base], None, opts=["ro"])
+    assert diff_snapshots(want, snapshot(m.mnt, xattr_prefixes=XATTRS), ("three", "oci")) == []
+    r = run_unionfs("squash", f"{l0}:{l1}", "-o", str(out))
+    assert r.returncode == 1 and b"exists" in r.stderr

@@ -11,8 +11,12 @@ the rootfs itself.
 
 from __future__ import annotations
 
+import gzip
+import hashlib
 import io
+import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -48,7 +52,7 @@ def layer_tar(root: Path, out: Path, keep: Callable[[str], bool], extra=()) -> N
             tf.addfile(ti, io.BytesIO(data) if data else None)
 
 
-def make_image(rootfs: Path, dest: Path) -> None:
+def make_image(rootfs: Path, dest: Path, compression: str = "none", top_extra=()) -> None:
     """An OCI layout of the two layers, uncompressed (fast to make; gzip is tested elsewhere)."""
     base = dest.parent / "base.tar"
     top = dest.parent / "top.tar"
@@ -64,31 +68,32 @@ def make_image(rootfs: Path, dest: Path) -> None:
         rootfs,
         top,
         lambda rel: rel == "var" or rel.startswith("var/"),
-        [(etc_ti, b""), (host, HOSTNAME), (wh, b"")],
+        [(etc_ti, b""), (host, HOSTNAME), (wh, b""), *top_extra],
     )
     dest.mkdir()
     blobs = dest / "blobs/sha256"
     blobs.mkdir(parents=True)
     descs, diff_ids = [], []
     for path in (base, top):
-        import hashlib
-
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 20):
-                h.update(chunk)
-        digest = "sha256:" + h.hexdigest()
-        os.rename(path, blobs / h.hexdigest())
-        diff_ids.append(digest)
+        diff_ids.append(_sha256_file(path))
+        if compression == "gzip":
+            with (
+                open(path, "rb") as f,
+                open(f"{path}.gz", "wb") as out,
+                gzip.GzipFile(fileobj=out, mode="wb", compresslevel=6, mtime=0) as g,
+            ):
+                shutil.copyfileobj(f, g, 1 << 20)
+            os.rename(f"{path}.gz", path)
+        digest = _sha256_file(path)
+        os.rename(path, blobs / digest.split(":")[1])
+        suffix = "+gzip" if compression == "gzip" else ""
         descs.append(
             {
-                "mediaType": "application/vnd.oci.image.layer.v1.tar",
+                "mediaType": "application/vnd.oci.image.layer.v1.tar" + suffix,
                 "digest": digest,
-                "size": (blobs / h.hexdigest()).stat().st_size,
+                "size": (blobs / digest.split(":")[1]).stat().st_size,
             }
         )
-    import json
-
     cfg = it.config_for(diff_ids, cfg={"Cmd": ["/bin/bash"], "Env": ["PATH=/usr/bin:/bin"]})
     (blobs / it.sha256(cfg).split(":")[1]).write_bytes(cfg)
     man = json.dumps(
@@ -115,6 +120,14 @@ def make_image(rootfs: Path, dest: Path) -> None:
             }
         ],
     )
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return "sha256:" + h.hexdigest()
 
 
 def meta(path: Path, st: os.stat_result) -> tuple:

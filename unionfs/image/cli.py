@@ -82,6 +82,10 @@ def main(prog: str, argv: list[str]) -> int:
     except ImageError as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # the reader (head, less) went away: not an error of ours
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - no flush error at exit
+        return 0
     except OSError as e:
         where = f" ({e.filename})" if e.filename else ""
         print(f"{prog}: {e.strerror or e}{where}", file=sys.stderr)

@@ -368,3 +368,93 @@ def test_our_test_layout_is_an_image_for_umoci(tmp: Path) -> None:
     rootfs = tmp / "bundle/rootfs"
     assert not (rootfs / "etc/old.conf").exists() and (rootfs / "opt/b").exists()
     assert not (rootfs / "opt/a").exists()
+
+
+def test_several_images_in_one_layout_need_a_ref(tmp: Path, store: Store) -> None:
+    root = tmp / "two"
+    root.mkdir()
+    d1, _ = it.make_manifest(root, [[{"name": "one", "type": "file"}]])
+    d2, _ = it.make_manifest(root, [[{"name": "two", "type": "file"}]])
+    d1["annotations"] = {"org.opencontainers.image.ref.name": "one"}
+    d2["annotations"] = {"org.opencontainers.image.ref.name": "two"}
+    it.write_index(root, [d1, d2])
+    with pytest.raises(ImageError, match="several images"):
+        store.import_image(str(root), "x")
+    img = store.import_image(str(root), "x", source_ref="two")
+    assert os.listdir(img.layers[0]) == ["two"]
+    with pytest.raises(ImageError, match="no image named 'three'"):
+        store.import_image(str(root), "x", source_ref="three")
+
+
+def test_add_layer_from_tar_for_commit(tmp: Path, store: Store) -> None:
+    raw = it.tar_bytes(TOP)
+    import io
+
+    diff_id = store.add_layer_from_tar(io.BytesIO(gzip.compress(raw)))
+    assert diff_id == it.sha256(raw)
+    assert (Path(store.layer_dir(diff_id)) / "opt/b").read_bytes() == b"b"
+    assert store.add_layer_from_tar(io.BytesIO(raw), diff_id) == diff_id  # idempotent
+    with pytest.raises(ImageError, match="digest mismatch"):
+        store.add_layer_from_tar(io.BytesIO(raw), "sha256:" + "1" * 64)
+    assert store.layers() == [diff_id] and os.listdir(tmp / "store/tmp") == []
+
+
+def test_image_lowers_on_the_mount_command_line() -> None:
+    from unionfs.options import ConfigError, build_config
+
+    cfg = build_config(["image:debian:12", "up", "mnt"], [])
+    assert cfg.lowers == ["image:debian:12"] and cfg.upper == "up"
+    assert build_config(["image:x", "mnt"], []).lowers == ["image:x"]
+    assert build_config(["mnt"], ["lowerdir=image:a:1"]).lowers == ["image:a:1"]
+    cfg = build_config(["l", "m"], ["uidmapping=0:1000:1:1:100000:65536,squash_to_root"])
+    assert cfg.uidmapping == ((0, 1000, 1), (1, 100000, 65536))
+    assert (cfg.squash_uid, cfg.squash_gid) == (0, 0)
+    cfg = build_config(["l", "m"], ["squash_to_root,squash_to_uid=5"])
+    assert (cfg.squash_uid, cfg.squash_gid) == (5, 0)
+    for bad in ("uidmapping=0:1", "squash_to_gid=x", "xattr_permissions=1"):
+        with pytest.raises(ConfigError):
+            build_config(["l", "m"], [bad])
+
+
+def test_progress_on_a_terminal(tmp: Path) -> None:
+    import pty
+
+    it.make_layout(tmp / "oci", [BASE, TOP])
+    master, slave = pty.openpty()
+    try:
+        r = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "unionfs.command",
+                "image",
+                "--store",
+                str(tmp / "s"),
+                "import",
+                str(tmp / "oci"),
+                "p",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=slave,
+            text=True,
+        )
+        os.close(slave)
+        slave = -1
+        out = b""
+        while True:
+            try:
+                chunk = os.read(master, 4096)
+            except OSError:
+                break
+            if not chunk:
+                break
+            out += chunk
+    finally:
+        if slave >= 0:
+            os.close(slave)
+        os.close(master)
+    assert r.returncode == 0
+    assert b"layer 1/2 sha256:" in out and b"layer 2/2" in out
+    # Not a terminal: no progress line at all.
+    r = run_cli("import", str(tmp / "oci"), "q", store=tmp / "s2")
+    assert r.returncode == 0 and r.stderr == ""

@@ -245,7 +245,15 @@ def read_override_xattrs(dir_fd: int, name: bytes | None) -> Override | None:
     counts as absent (the real attributes show), never as an error.
     """
     path = _proc(dir_fd, name)
+    try:  # one listing, then only the values present: most objects have none
+        present = set(map(os.fsencode, os.listxattr(path, follow_symlinks=name is None)))
+    except OSError as e:
+        if e.errno in (errno.ENOTSUP, errno.EPERM, errno.EACCES):
+            return None
+        raise
     for xname in (*OVERRIDE_XATTRS, ROOTLESS_XATTR):
+        if xname not in present:
+            continue
         try:
             value = os.getxattr(path, xname, follow_symlinks=name is None)
         except OSError as e:

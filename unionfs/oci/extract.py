@@ -157,6 +157,8 @@ class Extractor:
         self.table = ownership.TableWriter(root_fd)
         self.stats = ExtractStats()
         self._fds: OrderedDict[Path, int] = OrderedDict()
+        #: Directories whose descriptors the current member still uses.
+        self._pinned: set[Path] = set()
         #: Directories made here, with the attributes to give them at the end
         #: (a directory's mode and mtime are set after its children are in).
         self._dirs: dict[Path, tuple[int, int, int, int, list[tuple[bytes, bytes]]]] = {}
@@ -203,7 +205,9 @@ class Extractor:
             raise
         self._fds[path] = fd
         if len(self._fds) > 128:
-            os.close(self._fds.popitem(last=False)[1])
+            # The oldest that no caller still holds (a hard link holds two).
+            old = next(k for k in self._fds if k not in self._pinned and k != path)
+            os.close(self._fds.pop(old))
         return fd
 
     def _forget(self, path: Path) -> None:
@@ -350,7 +354,9 @@ class Extractor:
         try:
             if data is not None:
                 while chunk := data.read(_CHUNK):
-                    os.write(fd, chunk)
+                    view = memoryview(chunk)
+                    while view:  # a write may be short
+                        view = view[os.write(fd, view) :]
                     self.stats.bytes += len(chunk)
             self._finish(fd, parts, dir_fd, ti, stat_mod.S_IFREG, xattrs)
         finally:
@@ -419,7 +425,11 @@ class Extractor:
             raise LayerError(f"entry {_show(parts)} is a hard link to {_show(target)}")
         if target == parts:
             raise LayerError(f"entry {_show(parts)} is a hard link to itself")
-        tdir = self._dirfd(target[:-1], False, parts)
+        self._pinned = {parts[:-1]}  # dir_fd must outlive the walk to the target
+        try:
+            tdir = self._dirfd(target[:-1], False, parts)
+        finally:
+            self._pinned = set()
         try:
             st = os.stat(target[-1], dir_fd=tdir, follow_symlinks=False)
         except FileNotFoundError:

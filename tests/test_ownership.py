@@ -118,6 +118,9 @@ def test_umoci_and_fuse_overlayfs_xattrs_are_read(tmp: Path) -> None:
 
 # -- through a rootless mount -------------------------------------------------------
 
+#: A v2 file capability: cap_net_raw, effective (what iputils' ping carries).
+CAP_NET_RAW = bytes.fromhex("0100000200200000000000000000000000000000")
+
 IMAGE = [
     [
         {"name": "etc", "type": "dir"},
@@ -131,6 +134,12 @@ IMAGE = [
         {"name": "home/user", "type": "dir", "uid": 1000, "gid": 1000, "mode": 0o700},
         {"name": "sh", "type": "symlink", "target": "bin/su"},
         {"name": "tmp", "type": "dir", "mode": 0o1777},
+        {
+            "name": "bin/ping",
+            "type": "file",
+            "data": b"\x7fELF",
+            "xattrs": {"security.capability": CAP_NET_RAW.decode("utf-8", "surrogateescape")},
+        },
     ],
     [{"name": "etc/motd", "type": "file", "data": b"hi\n", "uid": 33, "gid": 33}],
 ]
@@ -361,3 +370,36 @@ def test_fuse_overlayfs_reads_our_layers(user_image: Path, unpriv_user, unpriv_t
     finally:
         subprocess.run(["fusermount3", "-u", str(mnt)], preexec_fn=support.as_user(unpriv_user))
         support.wait_unmounted(mnt)
+
+
+def test_file_capability_kept_without_root_and_shown(
+    user_image: Path, unpriv_user, unpriv_tmp: Path, unionfs
+) -> None:
+    """security.capability cannot be set by a user: the layer keeps it as
+    user.containers.override_security.capability (fuse-overlayfs' name) and the
+    mount shows it under its own name; the saved name cannot be forged through it."""
+    from unionfs.image import Store
+
+    lower = Path(Store.open(str(user_image)).image("img:1").layers[-1])
+    assert os.getxattr(lower / "bin/ping", "user.containers.override_security.capability") == (
+        CAP_NET_RAW
+    )
+    up, mnt = _dirs(unpriv_tmp, unpriv_user, "up", "mnt")
+    unionfs(["image:img:1"], up, mnt, user=unpriv_user)
+
+    def look() -> tuple[bytes, list[str], int]:
+        value = os.getxattr(mnt / "bin/ping", "security.capability")
+        names = os.listxattr(mnt / "bin/ping")
+        (mnt / "tmp/mine").write_bytes(b"")  # the root is root's: only /tmp is open
+        try:
+            os.setxattr(
+                mnt / "tmp/mine", "user.containers.override_security.capability", CAP_NET_RAW
+            )
+        except OSError as e:
+            return value, names, e.errno
+        return value, names, 0
+
+    value, names, err = support.run_as(unpriv_user, look)
+    assert value == CAP_NET_RAW
+    assert names == ["security.capability"]
+    assert err != 0

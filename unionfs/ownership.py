@@ -582,3 +582,29 @@ def presenter_for(
     if not view.active and mapping == Mapping():
         return None
     return view
+
+
+# -- xattrs the process may not set, kept under a user. name --------------------
+
+
+def shown_xattrs(names: Iterable[bytes]) -> list[bytes]:
+    """A listing as the mount shows it: ownership xattrs hidden, saved ones
+    (``user.containers.override_security.capability``) under their own name."""
+    out = []
+    for n in names:
+        if n in OWNERSHIP_XATTRS:
+            continue
+        if n.startswith(SAVED_XATTR_PREFIX):
+            orig = n[len(SAVED_XATTR_PREFIX) :]
+            if orig.startswith((b"security.", b"trusted.")) and orig not in OWNERSHIP_XATTRS:
+                out.append(orig)
+            continue
+        out.append(n)
+    return out
+
+
+def saved_name(name: bytes) -> bytes | None:
+    """Where a ``security.*``/``trusted.*`` xattr is kept when it cannot be set for real."""
+    if name.startswith((b"security.", b"trusted.")) and name not in OWNERSHIP_XATTRS:
+        return SAVED_XATTR_PREFIX + name
+    return None

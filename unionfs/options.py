@@ -24,9 +24,6 @@ KERNEL_FLAGS = frozenset(
         "exec",
         "noatime",
         "atime",
-        "relatime",
-        "nodiratime",
-        "diratime",
         "dirsync",
         "sync",
         "async",
@@ -35,6 +32,30 @@ KERNEL_FLAGS = frozenset(
 )
 #: FUSE options handed to libfuse as they are.
 FUSE_FLAGS = frozenset({"allow_root", "auto_unmount"})
+#: Options that tell mount(8), /etc/fstab or mount.fuse3 what to do, not the filesystem:
+#: accepted and ignored.  mount(8) strips most (``x-*``, ``noauto``) and mount.fuse3
+#: the rest (``user``, ``nofail``, ``_netdev``, ...) before it runs ``unionfs-mount``,
+#: but an fstab options field given to unionfs-mount directly must work too.
+MOUNT_TOOL_FLAGS = frozenset(
+    {"defaults", "auto", "noauto", "user", "nouser", "users", "owner", "group", "nofail", "_netdev"}
+)
+#: Valued options of the same kind: ``user=NAME`` is what libmount hands the helper
+#: for a user mount; ``comment=`` is an old fstab spelling of ``x-``.
+MOUNT_TOOL_KEYS = frozenset({"user", "comment"})
+#: Prefixes of fstab options kept for other programs (systemd, udisks): ``x-systemd.*``.
+MOUNT_TOOL_PREFIXES = ("x-", "X-")
+#: Mount flags a FUSE mount has anyway (the kernel's defaults) but that libfuse cannot
+#: pass (it refuses the whole mount): accepted, as fstab lines often spell them.
+FUSE_DEFAULT_FLAGS = frozenset({"relatime", "diratime", "nostrictatime", "nolazytime"})
+#: Mount flags libfuse and fusermount3 cannot pass at all: refused, not ignored.
+NOT_FOR_FUSE = frozenset({"nodiratime", "strictatime", "lazytime"})
+#: Options only mount.fuse3 can act on, before it runs the filesystem.  Reaching
+#: unionfs-mount they were not acted on; ignoring a request to drop privileges
+#: would run the daemon with more rights than asked, so they are refused.
+HELPER_ONLY = {
+    "setuid": "is mount.fuse3's (mount -t fuse.unionfs-mount); run unionfs-mount as that user",
+    "drop_privileges": "is mount.fuse3's (mount -t fuse.unionfs-mount), not unionfs-mount's",
+}
 #: Options that take a value, with the parser for it.
 WHITEOUT_FORMATS = ("kernel", "oci")
 
@@ -80,7 +101,8 @@ class MountConfig:
 
     def fuse_options(self, is_root: bool) -> set[str]:
         """The option set for ``pyfuse3.init`` (default_permissions is forced)."""
-        opts = {"default_permissions", f"fsname={self.fsname}", "subtype=unionfs"}
+        fsname = self.fsname.replace("\\", "\\\\").replace(",", "\\,")  # libfuse's -o escapes
+        opts = {"default_permissions", f"fsname={fsname}", "subtype=unionfs"}
         opts.update(self.kernel_flags)
         allow_other = is_root if self.allow_other is None else self.allow_other
         if allow_other:
@@ -137,6 +159,40 @@ def split_options(words: list[str]) -> list[str]:
     return [w for w in out if w]
 
 
+def is_mount_tool_option(word: str) -> bool:
+    """True for an option meant for mount(8), fstab or mount.fuse3, not for unionfs,
+    or a mount flag every FUSE mount has anyway.
+
+    Refuses (ConfigError) the ones only mount.fuse3 can carry out, and mount
+    flags a FUSE mount cannot have.
+    """
+    key, eq, _ = word.partition("=")
+    if key in HELPER_ONLY:
+        raise ConfigError(f"option {word!r} {HELPER_ONLY[key]}", 2)
+    if word in NOT_FOR_FUSE:
+        raise ConfigError(f"mount flag {word!r} cannot be given to a FUSE mount (libfuse)", 2)
+    if key.startswith(MOUNT_TOOL_PREFIXES):
+        return True
+    if eq:
+        return key in MOUNT_TOOL_KEYS
+    return key in MOUNT_TOOL_FLAGS or key in FUSE_DEFAULT_FLAGS
+
+
+def _check_mountpoint_arg(path: str) -> None:
+    """Refuse mount.fuse3's ``/dev/fd/N`` (its ``drop_privileges``) as a mount point.
+
+    mount.fuse3 then mounts by itself and hands over the /dev/fuse descriptor;
+    unionfs-mount needs the real mount point to refuse one inside a branch.
+    """
+    rest = path.removeprefix("/dev/fd/")
+    if rest != path and rest.isdigit():
+        raise ConfigError(
+            f"mount point {path!r} is a /dev/fuse descriptor (mount.fuse3's drop_privileges):"
+            " unionfs-mount needs the real mount point; mount without drop_privileges",
+            2,
+        )
+
+
 def _timeout(key: str, value: str) -> float:
     try:
         t = float(value)
@@ -155,7 +211,7 @@ def build_config(
     Forms: ``LOWERS UPPER MNT``, ``LOWERS MNT`` (read-only union), or ``MNT``
     with ``-o lowerdir=...[,upperdir=...]`` (the overlayfs spelling).
     """
-    opts = split_options(option_words)
+    opts = [w for w in split_options(option_words) if not is_mount_tool_option(w)]
     values: dict[str, str] = {}
     flags: set[str] = set()
     for word in opts:
@@ -231,11 +287,17 @@ def build_config(
             raise ConfigError(f"unknown option {key + '='!r}", 2)
 
     if lowerdir is not None:
-        if len(positional) != 1:
-            raise ConfigError("with -o lowerdir=, give only the mount point", 2)
+        if len(positional) not in (1, 2):
+            raise ConfigError("with -o lowerdir=, give only [SOURCE] MNT", 2)
         cfg.lowers = [lowerdir] if lowerdir.startswith("image:") else split_lowerdirs(lowerdir)
         cfg.upper = upperdir
-        cfg.mountpoint = positional[0]
+        cfg.mountpoint = positional[-1]
+        if len(positional) == 2 and positional[0] and "fsname" not in values:
+            # mount(8)'s SOURCE: a label, shown in /proc/mounts as the kernel's overlay
+            # shows its own; umount(8) and mount -a match fstab entries by it (so
+            # fuse-overlayfs, which ignores it and shows its name, is mounted again by
+            # every mount -a).
+            cfg.fsname = positional[0]
     else:
         if upperdir is not None:
             raise ConfigError("-o upperdir= needs -o lowerdir= too", 2)
@@ -252,6 +314,7 @@ def build_config(
             cfg.mountpoint = positional[1]
         else:
             raise ConfigError("usage: unionfs-mount [options] LOWER1[:LOWER2...] [UPPER] MNT", 2)
+    _check_mountpoint_arg(cfg.mountpoint)
     if cfg.upper is None:
         cfg.read_only = True
     if cfg.workdir is not None and cfg.upper is None:

@@ -403,3 +403,23 @@ def test_file_capability_kept_without_root_and_shown(
     assert value == CAP_NET_RAW
     assert names == ["security.capability"]
     assert err != 0
+
+
+def test_pure_api_for_the_layer_exporter(tmp: Path) -> None:
+    """from_xattrs/shown_stat: what a tool that read the xattrs itself applies."""
+    f = tmp / "dev"
+    f.write_bytes(b"")
+    st = f.lstat()
+    values = {b"user.containers.override_stat": b"0:6:0660:block-8-1", b"user.other": b"x"}
+    ov = ownership.from_xattrs(values)
+    assert ov == Override(0, 6, 0o660, "block", os.makedev(8, 1))
+    import stat as st_mod
+
+    mode, uid, gid, rdev = ownership.shown_stat(st, ov)
+    assert st_mod.S_ISBLK(mode) and st_mod.S_IMODE(mode) == 0o660
+    assert (uid, gid, rdev) == (0, 6, os.makedev(8, 1))
+    assert ownership.shown_stat(st, None) == (st.st_mode, st.st_uid, st.st_gid, st.st_rdev)
+    assert ownership.from_xattrs({b"user.containers.override_stat": b"junk"}) is None
+    assert ownership.from_xattrs({b"user.rootlesscontainers": bytes.fromhex("087b10c803")}) == (
+        Override(123, 456)
+    )

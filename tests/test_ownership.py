@@ -165,13 +165,12 @@ def ls_ln(path: Path, user) -> dict[str, tuple[str, ...]]:
     return out
 
 
-@pytest.fixture
-def user_image(tmp: Path, unpriv_user, unpriv_tmp: Path, monkeypatch: pytest.MonkeyPatch):
-    """The test image imported by the unprivileged user into its own store."""
-    src = unpriv_tmp / "oci"
+def _import_as(user, base: Path, *flags: str) -> Path:
+    """The test image imported by ``user`` into a store of its own in ``base``."""
+    src = base / "oci"
     it.make_layout(src, IMAGE)
-    support.chown_tree(src, unpriv_user.uid, unpriv_user.gid)
-    store = unpriv_tmp / "store"
+    support.chown_tree(src, user.uid, user.gid)
+    store = base / "store"
     r = subprocess.run(
         [
             sys.executable,
@@ -181,15 +180,23 @@ def user_image(tmp: Path, unpriv_user, unpriv_tmp: Path, monkeypatch: pytest.Mon
             "--store",
             str(store),
             "import",
+            *flags,
             str(src),
             "img:1",
         ],
         capture_output=True,
         text=True,
-        preexec_fn=support.as_user(unpriv_user),
+        preexec_fn=support.as_user(user),
         cwd="/",
     )
     assert r.returncode == 0, r.stderr
+    return store
+
+
+@pytest.fixture
+def user_image(unpriv_user, unpriv_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The test image imported by the unprivileged user into its own store."""
+    store = _import_as(unpriv_user, unpriv_tmp)
     monkeypatch.setenv("UNIONFS_STORE", str(store))
     return store
 
@@ -423,3 +430,26 @@ def test_pure_api_for_the_layer_exporter(tmp: Path) -> None:
     assert ownership.from_xattrs({b"user.rootlesscontainers": bytes.fromhex("087b10c803")}) == (
         Override(123, 456)
     )
+
+
+def test_owners_from_the_side_table(
+    unpriv_user, unpriv_tmp: Path, unionfs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store imported with --side-table (bound for NFS): no ownership xattr at
+    all, the same view through the mount."""
+    store = _import_as(unpriv_user, unpriv_tmp, "--side-table")
+    monkeypatch.setenv("UNIONFS_STORE", str(store))
+    from unionfs.image import Store
+
+    for layer in Store.open(str(store)).image("img:1").layers:
+        for p in [Path(layer), *Path(layer).rglob("*")]:
+            if not p.is_symlink():
+                assert not any("override" in x or "rootless" in x for x in os.listxattr(p))
+    (mnt,) = _dirs(unpriv_tmp, unpriv_user, "mnt")
+    unionfs(["image:img:1"], mnt=mnt, user=unpriv_user)
+    etc = ls_ln(mnt / "etc", unpriv_user)
+    assert etc["shadow"][:3] == ("-rw-r-----", "0", "42")
+    assert etc["motd"][:3] == ("-rw-r--r--", "33", "33")
+    assert ls_ln(mnt / "bin", unpriv_user)["su"][:3] == ("-rwsr-xr-x", "0", "0")
+    assert ls_ln(mnt / "dev", unpriv_user)["null"] == ("crw-rw-rw-", "0", "0", "1,3")
+    assert ls_ln(mnt, unpriv_user)["bin"][:3] == ("drwxr-xr-x", "0", "0")

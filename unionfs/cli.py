@@ -45,10 +45,12 @@ def _parser() -> argparse.ArgumentParser:
         epilog=(
             "Options for -o: ro, workdir=DIR, timeout=S, entry_timeout=S, attr_timeout=S,"
             " negative_timeout=S, whiteout=kernel|oci, nonempty, allow_other, noallow_other,"
-            " fsname=NAME, lowerdir=L1:L2, upperdir=DIR, and the mount flags nosuid, nodev,"
-            " noexec, noatime, ... (see README). With -o lowerdir= the form is [SOURCE] MNT, as"
-            " mount(8) runs it (mount -t fuse.unionfs-mount SOURCE MNT -o lowerdir=...)."
-            " Unmount with: fusermount3 -u MNT"
+            " fsname=NAME, lowerdir=L1:L2, upperdir=DIR, uidmapping=C:H:S, gidmapping=C:H:S,"
+            " squash_to_root, squash_to_uid=U, squash_to_gid=G, xattr_permissions=0|2, and the"
+            " mount flags nosuid, nodev, noexec, noatime, ... (see README). LOWER may be"
+            " image:NAME[:TAG], an image of the store (unionfs image). With -o lowerdir= the"
+            " form is [SOURCE] MNT, as mount(8) runs it (mount -t fuse.unionfs-mount SOURCE MNT"
+            " -o lowerdir=...). Unmount with: fusermount3 -u MNT"
         ),
     )
     parser.add_argument("paths", nargs="+", metavar="LOWER1[:LOWER2...] [UPPER] MNT")

@@ -704,7 +704,7 @@ class UnionOperations(pyfuse3.Operations):
             names = self.stack.listxattr(layer, dirpath, fname)
             shown = markers.visible_xattrs(names)
             if self.owners is not None:
-                shown = list(ownership.visible(shown))
+                shown = ownership.shown_xattrs(shown)
             node.xattrs = frozenset(shown)
         return node.xattrs
 
@@ -717,7 +717,14 @@ class UnionOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         layer, dirpath, fname = self._xattr_target(node)
         path = self.stack.xattr_path(layer, dirpath, fname)
-        return os.getxattr(path, name, follow_symlinks=fname is None)
+        try:
+            return os.getxattr(path, name, follow_symlinks=fname is None)
+        except OSError as e:
+            saved = ownership.saved_name(name) if self.owners is not None else None
+            if saved is None or e.errno != errno.ENODATA:
+                raise
+            # Kept by a rootless extraction or setxattr (fuse-overlayfs' containers mode).
+            return os.getxattr(path, saved, follow_symlinks=fname is None)
 
     @_guard
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
@@ -726,7 +733,12 @@ class UnionOperations(pyfuse3.Operations):
     async def _change_xattr(self, inode: int, name: bytes, change: Callable[[bytes], None]) -> None:
         """Copy the object up, then apply ``change`` to its /proc path."""
         if markers.is_private_xattr(name) or (
-            self.owners is not None and name in ownership.OWNERSHIP_XATTRS
+            # Ownership and saved privileged xattrs: a caller could forge an owner
+            # or a file capability with them.
+            self.owners is not None
+            and (
+                name in ownership.OWNERSHIP_XATTRS or name.startswith(ownership.SAVED_XATTR_PREFIX)
+            )
         ):
             raise OSError(errno.EOPNOTSUPP, "union-private xattr")
         upper = self._writable()
@@ -743,11 +755,27 @@ class UnionOperations(pyfuse3.Operations):
     async def setxattr(
         self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
     ) -> None:
-        await self._change_xattr(inode, name, lambda path: os.setxattr(path, name, value))
+        stored = self._stored_xattr(name)
+        await self._change_xattr(inode, name, lambda path: os.setxattr(path, stored, value))
 
     @_guard
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        await self._change_xattr(inode, name, lambda path: os.removexattr(path, name))
+        def remove(path: bytes) -> None:
+            try:
+                os.removexattr(path, name)
+            except OSError as e:
+                if self._stored_xattr(name) == name or e.errno not in (errno.ENODATA, errno.EPERM):
+                    raise
+                os.removexattr(path, self._stored_xattr(name))
+
+        await self._change_xattr(inode, name, remove)
+
+    def _stored_xattr(self, name: bytes) -> bytes:
+        """The name an xattr is written under: a rootless mount with ownership
+        metadata keeps ``security.*``/``trusted.*`` as ``user.containers.override_*``."""
+        if self.owners is None or not self.owners.record or not self.owners.active:
+            return name
+        return ownership.saved_name(name) or name
 
     @_guard
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:

@@ -91,6 +91,31 @@ def test_signals_are_forwarded(home: Home) -> None:
     assert _wait_for(lambda: not fuse_mounts_of(home.user.uid), timeout=10)
 
 
+def test_home_changed_outside_shows_inside(home: Home) -> None:
+    """-o live in the sandbox: a file another program writes in the home meanwhile shows."""
+    prog = (
+        "cat a.txt; touch $HOME/ready; i=0;"
+        " while [ ! -e outside.txt ] && [ $i -lt 1000 ]; do sleep 0.02; i=$((i+1)); done;"
+        " cat outside.txt a.txt"
+    )
+    p = home.popen("sandbox", "run", "--", "sh", "-c", prog)
+    try:
+        assert _wait_for(lambda: (home.upper() / "ready").exists())
+        support.run_as(home.user, _write_outside, home.path)
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == 0, err
+    assert out == "real\nfrom outside\nreal, changed\n"
+
+
+def _write_outside(home: Path) -> None:
+    (home / "a.txt").write_text("real, changed\n")
+    (home / "outside.txt").write_text("from outside\n")
+
+
 def test_cannot_undo_the_view_and_state_is_hidden(home: Home) -> None:
     prog = (
         'umount "$HOME" 2>/dev/null && echo UNMOUNTED; ls -A "$HOME/.local/state/unionfs"; echo end'

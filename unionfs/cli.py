@@ -172,6 +172,10 @@ class Daemon:
 
     async def _serve(self, ready_fd: int | None) -> None:
         async with trio.open_nursery() as nursery:
+            if self.cfg.live:
+                from .watch import LowerWatch
+
+                nursery.start_soon(LowerWatch(self.ops).run)
             nursery.start_soon(self._watch_signals)
             nursery.start_soon(self._when_ready, ready_fd)
             await pyfuse3.main()

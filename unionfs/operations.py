@@ -121,6 +121,8 @@ class UnionOperations(pyfuse3.Operations):
         self._dirs: dict[int, DirHandle] = {}
         self._files: dict[int, FileHandle] = {}
         self._next_fh = 1
+        #: Called with each directory a lookup or opendir reads (-o live: watch.py).
+        self.on_dir_used: Callable[[Node], None] | None = None
 
     # -- helpers ---------------------------------------------------------------
 
@@ -235,6 +237,8 @@ class UnionOperations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         parent = self._dir(parent_inode)
+        if self.on_dir_used is not None:
+            self.on_dir_used(parent)
         if name == b".":
             node = parent
         elif name == b"..":
@@ -276,6 +280,8 @@ class UnionOperations(pyfuse3.Operations):
     @_guard
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         node = self._dir(inode)
+        if self.on_dir_used is not None:
+            self.on_dir_used(node)
         fh = self._new_fh()
         self._dirs[fh] = DirHandle(node)
         return fh

@@ -68,6 +68,8 @@ class MountConfig:
     acl: bool = True
     volatile: bool = False
     spin_us: int = 30
+    #: Follow changes made to the lowers while mounted (unionfs/watch.py).
+    live: bool = False
     kernel_flags: list[str] = field(default_factory=list)
 
     def fuse_options(self, is_root: bool) -> set[str]:
@@ -173,6 +175,8 @@ def build_config(
             cfg.acl = False
         elif flag == "volatile":
             cfg.volatile = True
+        elif flag == "live":
+            cfg.live = True
         elif flag in ("debug",):
             cfg.debug = True
         elif flag == "default_permissions":

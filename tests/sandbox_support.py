@@ -99,10 +99,16 @@ def make_home(base: Path, user: User) -> Home:
     return Home(user, home, runtime)
 
 
-def fuse_mounts_of(uid: int) -> list[str]:
-    """fuse.unionfs mounts this user owns, anywhere (in our mount namespace)."""
+def fuse_mounts_of(home: Home) -> list[str]:
+    """fuse.unionfs mounts of the home's user below the home's scratch dir
+    (its runtime dir, where views are mounted, included)."""
     out = []
+    base = str(home.path.parent) + "/"
     for m in support.mounts():
-        if m.fstype == "fuse.unionfs" and f"user_id={uid}," in m.options:
+        if (
+            m.fstype == "fuse.unionfs"
+            and f"user_id={home.user.uid}," in m.options
+            and m.mountpoint.startswith(base)
+        ):
             out.append(m.mountpoint)
     return out

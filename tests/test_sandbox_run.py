@@ -31,7 +31,7 @@ def home(unpriv_tmp: Path, unpriv_user: support.User) -> Iterator[Home]:
     (h.path / "a.txt").write_text("real\n")
     support.chown_tree(h.path, unpriv_user.uid, unpriv_user.gid)
     yield h
-    assert fuse_mounts_of(unpriv_user.uid) == [], "a view outlived its sandbox"
+    assert fuse_mounts_of(h) == [], "a view outlived its sandbox"
 
 
 def _wait_for(pred, timeout: float = 30.0) -> bool:
@@ -88,7 +88,7 @@ def test_signals_are_forwarded(home: Home) -> None:
             p.kill()
             p.wait()
     assert (home.upper() / "sig").read_text() == "got-term\n"
-    assert _wait_for(lambda: not fuse_mounts_of(home.user.uid), timeout=10)
+    assert _wait_for(lambda: not fuse_mounts_of(home), timeout=10)
 
 
 def test_home_changed_outside_shows_inside(home: Home) -> None:
@@ -268,7 +268,7 @@ def test_runner_killed_leaves_no_mount(home: Home) -> None:
     assert _wait_for(lambda: (home.upper() / "ready").exists())
     p.kill()
     p.wait()
-    assert _wait_for(lambda: not fuse_mounts_of(home.user.uid))
+    assert _wait_for(lambda: not fuse_mounts_of(home))
     assert _wait_for(lambda: not _sandbox_processes(home.user.uid), timeout=30)
 
 

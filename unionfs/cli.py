@@ -135,6 +135,10 @@ class Daemon:
                 assert cfg.workdir is not None
                 writer = Writer(cfg.whiteout, ns)
                 self.copyup = CopyUp(self.stack, cfg.workdir, writer, durable=not cfg.volatile)
+                if cfg.identities:
+                    from .identity import IdentityLog
+
+                    self.copyup.on_replace = IdentityLog(cfg.workdir).record
                 work_fd = self.copyup.work_fd
                 if writer.fmt == "kernel" and not (
                     probe_whiteout(work_fd) and probe_opaque(writer, work_fd)

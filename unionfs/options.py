@@ -70,6 +70,8 @@ class MountConfig:
     spin_us: int = 30
     #: Follow changes made to the lowers while mounted (unionfs/watch.py).
     live: bool = False
+    #: Record the lower objects the upper replaces (unionfs/identity.py).
+    identities: bool = False
     kernel_flags: list[str] = field(default_factory=list)
 
     def fuse_options(self, is_root: bool) -> set[str]:
@@ -177,6 +179,8 @@ def build_config(
             cfg.volatile = True
         elif flag == "live":
             cfg.live = True
+        elif flag == "identities":
+            cfg.identities = True
         elif flag in ("debug",):
             cfg.debug = True
         elif flag == "default_permissions":

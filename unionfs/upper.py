@@ -142,6 +142,8 @@ class Upper:
         gone = self.stack.lstat(node.layer, path, name)
         pfd = self.stack.dirfd(0, path)
         whiteout = self.lower_has(parent, name)
+        if whiteout and not in_upper and gone is not None:
+            self.copyup.replaced((*path, name), gone)  # copied-up objects were recorded then
         if in_upper and whiteout and self.writer.fmt == "kernel":
             tmp = self._work_whiteout()
             renameat2(self.copyup.work_fd, tmp, pfd, name, RENAME_EXCHANGE)

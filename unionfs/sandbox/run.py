@@ -38,7 +38,7 @@ PASS_THROUGH = ("/run", "/tmp/.X11-unix", "/tmp/.ICE-unix", "/dev", "/proc", "/s
 #: Directories below a root scanned (one level) for Unix sockets to pass through.
 SOCKET_DIRS = (".", ".gnupg", ".ssh", ".ssh/sockets", ".ssh/cm", ".mozilla", ".local/share")
 #: Mount options of every view.
-VIEW_OPTIONS = ["live"]
+VIEW_OPTIONS = ["live", "identities"]
 
 
 class RunError(Exception):

@@ -11,6 +11,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import textwrap
 import threading
 import time
@@ -336,3 +337,17 @@ def test_home_view_fallback(home: Home) -> None:
     assert r.stdout.strip() != str(home.path) and "HOME points" in r.stderr
     assert (home.path / "a.txt").read_text() == "real\n"
     assert (home.upper() / "a.txt").read_text() == "v\n"
+
+
+def test_startup_benchmark_runs(unpriv_user: support.User) -> None:
+    """benchmarks/sandbox.py end to end, one run (no timing is checked)."""
+    bench = Path(__file__).resolve().parent.parent / "benchmarks" / "sandbox.py"
+    r = subprocess.run(
+        [sys.executable, str(bench), "--runs", "1", "--user", unpriv_user.name],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "| unionfs sandbox run -- true |" in r.stdout
+    assert "sandbox steps (median): interpreter" in r.stdout

@@ -35,7 +35,7 @@ from .upper import Upper
 log = logging.getLogger("unionfs")
 
 
-def parse_args(argv: list[str]) -> MountConfig:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="unionfs-mount",
         description=(
@@ -46,16 +46,69 @@ def parse_args(argv: list[str]) -> MountConfig:
             "Options for -o: ro, workdir=DIR, timeout=S, entry_timeout=S, attr_timeout=S,"
             " negative_timeout=S, whiteout=kernel|oci, nonempty, allow_other, noallow_other,"
             " fsname=NAME, lowerdir=L1:L2, upperdir=DIR, and the mount flags nosuid, nodev,"
-            " noexec, noatime, ... (see README). Unmount with: fusermount3 -u MNT"
+            " noexec, noatime, ... (see README). With -o lowerdir= the form is [SOURCE] MNT, as"
+            " mount(8) runs it (mount -t fuse.unionfs-mount SOURCE MNT -o lowerdir=...)."
+            " Unmount with: fusermount3 -u MNT"
         ),
     )
     parser.add_argument("paths", nargs="+", metavar="LOWER1[:LOWER2...] [UPPER] MNT")
     parser.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
     parser.add_argument("-d", "--debug", action="store_true", help="log every request (implies -f)")
     parser.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]")
+    parser.add_argument(
+        "--ready-fd",
+        type=int,
+        metavar="N",
+        help="with -f: write OK (or the start-up error) to inherited descriptor N once the"
+        " mount answers, then close it",
+    )
     parser.add_argument("--version", action="version", version=f"unionfs {__version__}")
-    args = parser.parse_args(argv)
-    return build_config(args.paths, args.options, args.foreground or args.debug, args.debug)
+    return parser
+
+
+def parse_args(argv: list[str]) -> MountConfig:
+    return _config(_parser().parse_args(argv))
+
+
+def _config(args: argparse.Namespace) -> MountConfig:
+    cfg = build_config(args.paths, args.options, args.foreground or args.debug, args.debug)
+    resolve_images(cfg)
+    return cfg
+
+
+def resolve_images(cfg: MountConfig) -> None:
+    """``image:NAME[:TAG]`` lowers become the image's layer dirs from the store
+    (``$UNIONFS_STORE`` or the default one); plain directories stay."""
+    if not any(lower.startswith("image:") for lower in cfg.lowers):
+        return
+    from .image.store import resolve_lowers
+    from .oci.layout import ImageError
+
+    try:
+        cfg.lowers = resolve_lowers(cfg.lowers)
+    except ImageError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _ready_fd(args: argparse.Namespace) -> int | None:
+    """The validated ``--ready-fd``, made non-inheritable.
+
+    A supervisor (unionfs.api) starts the daemon in the foreground, so the PID it
+    holds is the daemon's, and learns from this descriptor when the mount is
+    served.  No child of the daemon (fusermount3 may stay, with auto_unmount)
+    may hold it, or the reader would not see its end.
+    """
+    fd = args.ready_fd
+    if fd is None:
+        return None
+    if not (args.foreground or args.debug):
+        raise ConfigError("--ready-fd needs -f (without it, the exit status reports)", 2)
+    try:
+        os.fstat(fd)
+        os.set_inheritable(fd, False)
+    except OSError as e:
+        raise ConfigError(f"--ready-fd {fd}: {e.strerror}", 2) from None
+    return fd
 
 
 def _session_helper() -> Any:
@@ -284,11 +337,18 @@ def _daemonize() -> int | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    given_fd = None
     try:
-        cfg = parse_args(sys.argv[1:] if argv is None else argv)
+        given_fd = _ready_fd(args)
+        cfg = _config(args)
         check_paths(cfg)
     except ConfigError as e:
-        print(f"unionfs-mount: {e}", file=sys.stderr)
+        if given_fd is None:
+            print(f"unionfs-mount: {e}", file=sys.stderr)
+        else:  # the one waiting on the descriptor reports it
+            os.write(given_fd, str(e).encode())
+            os.close(given_fd)
         return e.code
 
     _raise_fd_limit()
@@ -299,8 +359,8 @@ def main(argv: list[str] | None = None) -> int:
     # New objects get exactly the mode the kernel sends, less the caller's umask
     # (operations.py), never the daemon's own.
     os.umask(0)
-    ready_fd = None if cfg.foreground else _daemonize()
-    _setup_logging(cfg, daemon=ready_fd is not None)
+    ready_fd = given_fd if cfg.foreground else _daemonize()
+    _setup_logging(cfg, daemon=not cfg.foreground)
     daemon = Daemon(cfg)
     try:
         if cfg.workdir is not None:

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 import pyfuse3
 
-from . import markers
+from . import markers, ownership
 from .inodes import InodeTable, Node
 from .layers import Entry, LayerStack
 from .options import MountConfig
@@ -121,6 +121,16 @@ class UnionOperations(pyfuse3.Operations):
         self._dirs: dict[int, DirHandle] = {}
         self._files: dict[int, FileHandle] = {}
         self._next_fh = 1
+        #: Owners, modes and devices recorded as metadata (rootless images),
+        #: and id mappings; None when neither applies (see unionfs.ownership).
+        self.owners = ownership.presenter_for(
+            [layer.fd for layer in stack.layers],
+            stack.upper is not None,
+            ownership.Mapping(
+                config.uidmapping, config.gidmapping, config.squash_uid, config.squash_gid
+            ),
+            config.xattr_permissions,
+        )
         #: Called with each directory a lookup or opendir reads (-o live: watch.py).
         self.on_dir_used: Callable[[Node], None] | None = None
 
@@ -150,7 +160,20 @@ class UnionOperations(pyfuse3.Operations):
         a.st_atime_ns = st.st_atime_ns
         a.st_mtime_ns = st.st_mtime_ns
         a.st_ctime_ns = st.st_ctime_ns
+        if self.owners is not None:
+            a.st_mode, a.st_uid, a.st_gid, a.st_rdev = self._presented(node, st)
         return a
+
+    def _presented(self, node: Node, st: os.stat_result) -> tuple[int, int, int, int]:
+        """Owner, mode and device an object shows: its recorded override, if any."""
+        assert self.owners is not None
+        if node.unlinked:
+            return self.owners.present(-1, -1, None, b"", st)
+        if node.is_dir:
+            dir_fd, name = self.stack.dirfd(node.layer, node.path()), None
+        else:
+            dir_fd, name = self.stack.dirfd(node.layer, node.dirpath()), node.name
+        return self.owners.present(node.layer, dir_fd, name, b"/".join(node.path()), st)
 
     def _stat(self, node: Node) -> os.stat_result:
         """Fresh lstat of the node's topmost real object.
@@ -437,7 +460,9 @@ class UnionOperations(pyfuse3.Operations):
             perm = 0 if mode is None else self._new_perm(parent, mode, ctx)
             fd = make(dir_fd, n, perm)
             try:
-                if self.is_root:
+                if self.owners is not None and self.owners.record:
+                    self.owners.new_object(dir_fd, n, ctx.uid, gid)
+                elif self.is_root:
                     os.chown(n, ctx.uid, gid, dir_fd=dir_fd, follow_symlinks=False)
                 if is_dir and sgid:
                     st_mode = os.stat(n, dir_fd=dir_fd).st_mode
@@ -460,7 +485,7 @@ class UnionOperations(pyfuse3.Operations):
             # listed now through its descriptor, 8x cheaper than by path.
             with contextlib.suppress(OSError):
                 names = map(os.fsencode, os.listxattr(fd))
-                node.xattrs = frozenset(markers.visible_xattrs(names))
+                node.xattrs = frozenset(ownership.visible(markers.visible_xattrs(names)))
         attrs = self._attrs(node, st)
         self.table.ref(node)
         return node, attrs, fd
@@ -507,6 +532,17 @@ class UnionOperations(pyfuse3.Operations):
             raise OSError(errno.EPERM, "a char device 0/0 is a whiteout")
 
         def make(d: int, n: bytes, perm: int) -> None:
+            if (
+                self.owners is not None
+                and self.owners.record
+                and (stat_mod.S_ISCHR(mode) or stat_mod.S_ISBLK(mode))
+            ):
+                # No mknod right: a regular file that records the device (fuse-overlayfs').
+                flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+                os.close(os.open(n, flags, 0o600, dir_fd=d))
+                kind = ownership.kind_of(mode)
+                self.owners.new_object(d, n, ctx.uid, ctx.gid, kind, rdev, perm)
+                return
             os.mknod(n, stat_mod.S_IFMT(mode) | perm, rdev, dir_fd=d)
 
         return (await self._new(parent_inode, name, ctx, False, make, mode))[1]
@@ -596,11 +632,19 @@ class UnionOperations(pyfuse3.Operations):
         ofd = self._object_fd(node)
         try:
             path = b"/proc/self/fd/%d" % ofd
-            if fields.update_uid or fields.update_gid:
+            recorded = self._record_attrs(ofd, attr, fields)  # into the override
+            if (fields.update_uid or fields.update_gid) and not recorded:
                 uid = attr.st_uid if fields.update_uid else -1
                 gid = attr.st_gid if fields.update_gid else -1
-                os.chown(path, uid, gid)
-            if fields.update_mode:
+                if self.owners is None:
+                    os.chown(path, uid, gid)
+                else:  # uidmapping=/gidmapping=; with a squash, errors are ignored
+                    try:
+                        os.chown(path, *self.owners.mapping.disk(uid, gid))
+                    except OSError:
+                        if not self.owners.mapping.squashing:
+                            raise
+            if fields.update_mode and not recorded:
                 os.chmod(path, stat_mod.S_IMODE(attr.st_mode))
             if fields.update_size:
                 if handle is not None and handle.layer == 0:
@@ -616,6 +660,30 @@ class UnionOperations(pyfuse3.Operations):
         finally:
             os.close(ofd)
         return self._attrs(node, st)
+
+    def _record_attrs(self, ofd: int, attr: Any, fields: Any) -> bool:
+        """chown/chmod through a rootless mount with ownership metadata: record
+        them in the upper object's override (True), or leave them to the real
+        calls (False: plain mount, root, or an object that takes no xattr)."""
+        if self.owners is None or not self.owners.record or not self.owners.active:
+            return False
+        if not (fields.update_uid or fields.update_gid or fields.update_mode):
+            return False
+        st = os.fstat(ofd)
+        if not ownership.xattr_capable(st.st_mode):
+            return False
+        new = self.owners.change(
+            ofd,
+            st,
+            attr.st_uid if fields.update_uid else None,
+            attr.st_gid if fields.update_gid else None,
+            attr.st_mode if fields.update_mode else None,
+        )
+        # The real bits keep the daemon's access; the kernel enforces the shown ones.
+        owner = 0o700 if stat_mod.S_ISDIR(st.st_mode) else 0o600
+        assert new.mode is not None
+        os.chmod(b"/proc/self/fd/%d" % ofd, (new.mode & 0o777) | owner)
+        return True
 
     # -- xattrs and statfs -----------------------------------------------------
 
@@ -634,7 +702,10 @@ class UnionOperations(pyfuse3.Operations):
         if node.xattrs is None:
             layer, dirpath, fname = self._xattr_target(node)
             names = self.stack.listxattr(layer, dirpath, fname)
-            node.xattrs = frozenset(markers.visible_xattrs(names))
+            shown = markers.visible_xattrs(names)
+            if self.owners is not None:
+                shown = list(ownership.visible(shown))
+            node.xattrs = frozenset(shown)
         return node.xattrs
 
     @_guard
@@ -654,7 +725,9 @@ class UnionOperations(pyfuse3.Operations):
 
     async def _change_xattr(self, inode: int, name: bytes, change: Callable[[bytes], None]) -> None:
         """Copy the object up, then apply ``change`` to its /proc path."""
-        if markers.is_private_xattr(name):
+        if markers.is_private_xattr(name) or (
+            self.owners is not None and name in ownership.OWNERSHIP_XATTRS
+        ):
             raise OSError(errno.EOPNOTSUPP, "union-private xattr")
         upper = self._writable()
         node = self.table[inode]

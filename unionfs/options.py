@@ -35,6 +35,25 @@ KERNEL_FLAGS = frozenset(
 )
 #: FUSE options handed to libfuse as they are.
 FUSE_FLAGS = frozenset({"allow_root", "auto_unmount"})
+#: Options that tell mount(8), /etc/fstab or mount.fuse3 what to do, not the filesystem:
+#: accepted and ignored.  mount(8) strips most (``x-*``, ``noauto``) and mount.fuse3
+#: the rest (``user``, ``nofail``, ``_netdev``, ...) before it runs ``unionfs-mount``,
+#: but an fstab options field given to unionfs-mount directly must work too.
+MOUNT_TOOL_FLAGS = frozenset(
+    {"defaults", "auto", "noauto", "user", "nouser", "users", "owner", "group", "nofail", "_netdev"}
+)
+#: Valued options of the same kind: ``user=NAME`` is what libmount hands the helper
+#: for a user mount; ``comment=`` is an old fstab spelling of ``x-``.
+MOUNT_TOOL_KEYS = frozenset({"user", "comment"})
+#: Prefixes of fstab options kept for other programs (systemd, udisks): ``x-systemd.*``.
+MOUNT_TOOL_PREFIXES = ("x-", "X-")
+#: Options only mount.fuse3 can act on, before it runs the filesystem.  Reaching
+#: unionfs-mount they were not acted on; ignoring a request to drop privileges
+#: would run the daemon with more rights than asked, so they are refused.
+HELPER_ONLY = {
+    "setuid": "is mount.fuse3's (mount -t fuse.unionfs-mount); run unionfs-mount as that user",
+    "drop_privileges": "is mount.fuse3's (mount -t fuse.unionfs-mount), not unionfs-mount's",
+}
 #: Options that take a value, with the parser for it.
 WHITEOUT_FORMATS = ("kernel", "oci")
 
@@ -73,10 +92,19 @@ class MountConfig:
     #: Record the lower objects the upper replaces (unionfs/identity.py).
     identities: bool = False
     kernel_flags: list[str] = field(default_factory=list)
+    #: fuse-overlayfs' ownership options (see unionfs.ownership): id mappings
+    #: CONTAINER:HOST:SIZE triples, squash targets, and ``xattr_permissions``
+    #: (None: on when a lower carries ownership metadata; 0 off; 2 on).
+    uidmapping: tuple[tuple[int, int, int], ...] = ()
+    gidmapping: tuple[tuple[int, int, int], ...] = ()
+    squash_uid: int | None = None
+    squash_gid: int | None = None
+    xattr_permissions: int | None = None
 
     def fuse_options(self, is_root: bool) -> set[str]:
         """The option set for ``pyfuse3.init`` (default_permissions is forced)."""
-        opts = {"default_permissions", f"fsname={self.fsname}", "subtype=unionfs"}
+        fsname = self.fsname.replace("\\", "\\\\").replace(",", "\\,")  # libfuse's -o escapes
+        opts = {"default_permissions", f"fsname={fsname}", "subtype=unionfs"}
         opts.update(self.kernel_flags)
         allow_other = is_root if self.allow_other is None else self.allow_other
         if allow_other:
@@ -133,6 +161,34 @@ def split_options(words: list[str]) -> list[str]:
     return [w for w in out if w]
 
 
+def is_mount_tool_option(word: str) -> bool:
+    """True for an option meant for mount(8), fstab or mount.fuse3, not for unionfs.
+
+    Refuses (ConfigError) the ones only mount.fuse3 can carry out.
+    """
+    key, eq, _ = word.partition("=")
+    if key in HELPER_ONLY:
+        raise ConfigError(f"option {word!r} {HELPER_ONLY[key]}", 2)
+    if key.startswith(MOUNT_TOOL_PREFIXES):
+        return True
+    return key in MOUNT_TOOL_KEYS if eq else key in MOUNT_TOOL_FLAGS
+
+
+def _check_mountpoint_arg(path: str) -> None:
+    """Refuse mount.fuse3's ``/dev/fd/N`` (its ``drop_privileges``) as a mount point.
+
+    mount.fuse3 then mounts by itself and hands over the /dev/fuse descriptor;
+    unionfs-mount needs the real mount point to refuse one inside a branch.
+    """
+    rest = path.removeprefix("/dev/fd/")
+    if rest != path and rest.isdigit():
+        raise ConfigError(
+            f"mount point {path!r} is a /dev/fuse descriptor (mount.fuse3's drop_privileges):"
+            " unionfs-mount needs the real mount point; mount without drop_privileges",
+            2,
+        )
+
+
 def _timeout(key: str, value: str) -> float:
     try:
         t = float(value)
@@ -151,7 +207,7 @@ def build_config(
     Forms: ``LOWERS UPPER MNT``, ``LOWERS MNT`` (read-only union), or ``MNT``
     with ``-o lowerdir=...[,upperdir=...]`` (the overlayfs spelling).
     """
-    opts = split_options(option_words)
+    opts = [w for w in split_options(option_words) if not is_mount_tool_option(w)]
     values: dict[str, str] = {}
     flags: set[str] = set()
     for word in opts:
@@ -162,6 +218,7 @@ def build_config(
             flags.add(key)
 
     cfg = MountConfig(lowers=[], upper=None, mountpoint="", foreground=foreground, debug=debug)
+    squash_root = False
     for flag in flags:
         if flag == "ro":
             cfg.read_only = True
@@ -185,11 +242,16 @@ def build_config(
             cfg.debug = True
         elif flag == "default_permissions":
             pass  # always on
+        elif flag == "squash_to_root":
+            squash_root = True
         elif flag in KERNEL_FLAGS or flag in FUSE_FLAGS:
             cfg.kernel_flags.append(flag)
         else:
             raise ConfigError(f"unknown option {flag!r}", 2)
 
+    if squash_root:
+        cfg.squash_uid = 0 if cfg.squash_uid is None else cfg.squash_uid
+        cfg.squash_gid = 0 if cfg.squash_gid is None else cfg.squash_gid
     lowerdir = values.pop("lowerdir", None)
     upperdir = values.pop("upperdir", None)
     for key, value in values.items():
@@ -219,19 +281,32 @@ def build_config(
             if not value:
                 raise ConfigError("option fsname= needs a value", 2)
             cfg.fsname = value
+        elif key in _OWNERSHIP_KEYS:
+            _ownership_option(cfg, key, value)
         else:
             raise ConfigError(f"unknown option {key + '='!r}", 2)
 
     if lowerdir is not None:
-        if len(positional) != 1:
-            raise ConfigError("with -o lowerdir=, give only the mount point", 2)
-        cfg.lowers = split_lowerdirs(lowerdir)
+        if len(positional) not in (1, 2):
+            raise ConfigError("with -o lowerdir=, give only [SOURCE] MNT", 2)
+        cfg.lowers = [lowerdir] if lowerdir.startswith("image:") else split_lowerdirs(lowerdir)
         cfg.upper = upperdir
-        cfg.mountpoint = positional[0]
+        cfg.mountpoint = positional[-1]
+        if len(positional) == 2 and positional[0] and "fsname" not in values:
+            # mount(8)'s SOURCE: a label, shown in /proc/mounts as the kernel's overlay
+            # shows its own; umount(8) and mount -a match fstab entries by it (so
+            # fuse-overlayfs, which ignores it and shows its name, is mounted again by
+            # every mount -a).
+            cfg.fsname = positional[0]
     else:
         if upperdir is not None:
             raise ConfigError("-o upperdir= needs -o lowerdir= too", 2)
-        if len(positional) == 3:
+        if len(positional) in (2, 3) and positional[0].startswith("image:"):
+            # An image of the store (resolved by the image hook): its NAME:TAG has a colon.
+            cfg.lowers = [positional[0]]
+            cfg.upper = positional[1] if len(positional) == 3 else None
+            cfg.mountpoint = positional[-1]
+        elif len(positional) == 3:
             cfg.lowers = split_lowerdirs(positional[0])
             cfg.upper, cfg.mountpoint = positional[1], positional[2]
         elif len(positional) == 2:
@@ -239,6 +314,7 @@ def build_config(
             cfg.mountpoint = positional[1]
         else:
             raise ConfigError("usage: unionfs-mount [options] LOWER1[:LOWER2...] [UPPER] MNT", 2)
+    _check_mountpoint_arg(cfg.mountpoint)
     if cfg.upper is None:
         cfg.read_only = True
     if cfg.workdir is not None and cfg.upper is None:
@@ -246,6 +322,36 @@ def build_config(
     if cfg.volatile and cfg.read_only:
         raise ConfigError("-o volatile needs a writable upper directory", 2)
     return cfg
+
+
+_OWNERSHIP_KEYS = (
+    "uidmapping",
+    "gidmapping",
+    "squash_to_uid",
+    "squash_to_gid",
+    "xattr_permissions",
+)
+
+
+def _ownership_option(cfg: MountConfig, key: str, value: str) -> None:
+    """fuse-overlayfs' spelling of the ownership options (containers.md §4.3)."""
+    if key in ("uidmapping", "gidmapping"):
+        from .ownership import parse_idmap  # pure; no import cost for other mounts
+
+        try:
+            setattr(cfg, key, parse_idmap(value))
+        except ValueError as e:
+            raise ConfigError(f"option {key}=: {e}", 2) from None
+    elif key in ("squash_to_uid", "squash_to_gid"):
+        if not value.isdigit():
+            raise ConfigError(f"option {key}= needs a numeric id, not {value!r}", 2)
+        setattr(cfg, "squash_uid" if key == "squash_to_uid" else "squash_gid", int(value))
+    else:
+        if value not in ("0", "2"):
+            raise ConfigError(
+                "option xattr_permissions= takes 0 (off) or 2 (user.containers.override_stat)", 2
+            )
+        cfg.xattr_permissions = int(value)
 
 
 def _inside(child: str, parent: str) -> bool:

@@ -34,6 +34,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "mount": Subcommand("unionfs.cli", "mount a union (the same as unionfs-mount)"),
     "check": Subcommand("unionfs.check", "check or repair an upper (the same as unionfs-check)"),
     "image": Subcommand("unionfs.image.cli", "import, list, inspect, remove images in the store"),
+    "run": Subcommand("unionfs.container", "run a command in an image, rootless"),
     "sandbox": Subcommand("unionfs.sandbox", "run a program over your home; review, keep or drop"),
 }
 

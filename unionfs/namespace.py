@@ -148,6 +148,11 @@ def umount(target: str | bytes, lazy: bool = True) -> None:
     _check(_libc.umount2(_b(target), MNT_DETACH if lazy else 0), f"umount {target!r}")
 
 
+def mount_proc(target: str) -> None:
+    """A procfs of the PID namespace this process is in."""
+    mount("proc", target, "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+
+
 def loopback_up() -> None:
     """Bring ``lo`` up in a new network namespace (it starts down)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
@@ -299,6 +304,10 @@ class Spec:
     #: A PID namespace with an init of ours and a new /proc: when the program
     #: ends, every process it left behind ends too.
     pid: bool = True
+    #: Where the PID namespace's /proc goes, after the setup (None: the setup
+    #: mounts it, e.g. under a new root before pivot_root, with mount_proc: the
+    #: kernel allows a procfs only while another one is fully visible).
+    proc: str | None = "/proc"
     #: Runs in the child as the namespace's root, after the namespaces are made
     #: and / is made private, before the nested user namespace: the mounts.
     setup: Callable[[], None] | None = None
@@ -382,8 +391,8 @@ def _init(spec: Spec, go: int, status_w: int, uid: int, gid: int) -> None:
         mount(None, "/", None, MS_REC | MS_PRIVATE)
         if spec.setup is not None:
             spec.setup()
-        if spec.pid:
-            mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+        if spec.pid and spec.proc is not None:
+            mount_proc(spec.proc)
         os.write(status_w, b"S")  # setup done: the parent's after_setup runs
         if os.read(go, 1) != b"G":
             os._exit(127)

@@ -104,9 +104,11 @@ def fusermount(*args: str | Path) -> None:
 
 
 def mount_view(
-    root: str, upper: Path, work: Path, mnt: Path, options: list[str], log: Path
+    root: str | list[str], upper: Path, work: Path, mnt: Path, options: list[str], log: Path
 ) -> View:
     """Fork a daemon serving ``root`` (+ ``upper``) at ``mnt``; return once it answers.
+
+    ``root`` may be a list of lowers, top first (a container image's layers).
 
     The daemon gets the runner's descriptors (the sandbox lock among them) and
     writes its log to ``log``.
@@ -117,7 +119,8 @@ def mount_view(
         code = 1
         try:
             os.close(ready_r)
-            code = _daemon(root, upper, work, mnt, options, log, ready_w)
+            lowers = [root] if isinstance(root, str) else root
+            code = _daemon(lowers, upper, work, mnt, options, log, ready_w)
         except BaseException as e:
             with contextlib.suppress(OSError):
                 os.write(ready_w, f"{type(e).__name__}: {e}".encode())
@@ -133,11 +136,17 @@ def mount_view(
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, 0)
         raise ViewError(msg or "the view's daemon exited during start-up")
-    return View(root, mnt, pid)
+    return View(root if isinstance(root, str) else root[0], mnt, pid)
 
 
 def _daemon(
-    root: str, upper: Path, work: Path, mnt: Path, options: list[str], log: Path, ready_w: int
+    lowers: list[str],
+    upper: Path,
+    work: Path,
+    mnt: Path,
+    options: list[str],
+    log: Path,
+    ready_w: int,
 ) -> int:
     """The daemon's side of ``mount_view`` (in the forked child)."""
     os.setsid()
@@ -153,7 +162,8 @@ def _daemon(
     from ..options import build_config, check_paths
 
     try:
-        cfg = build_config([root, str(upper), str(mnt)], [f"workdir={work}", *options], True, False)
+        spec = ":".join(p.replace("\\", "\\\\").replace(":", "\\:") for p in lowers)
+        cfg = build_config([spec, str(upper), str(mnt)], [f"workdir={work}", *options], True, False)
         check_paths(cfg, upper_in_lower=True)
     except ConfigError as e:
         os.write(ready_w, str(e).encode())

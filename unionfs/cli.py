@@ -22,7 +22,7 @@ from typing import Any
 import pyfuse3
 import trio
 
-from . import __version__, loop
+from . import __version__, loop, stackinfo
 from .copyup import CopyUp
 from .inodes import InodeTable
 from .layers import LayerStack
@@ -198,6 +198,7 @@ class Daemon:
                 ):
                     log.warning("cannot write kernel-format markers here: writing OCI .wh. files")
                     writer.fmt = "oci"
+                stackinfo.record_mount(cfg.workdir, cfg.lowers, cfg.upper, writer.fmt, ns)
                 upper = Upper(self.stack, table, self.copyup, writer)
             self.ops = UnionOperations(self.stack, table, cfg, upper)
             # Before init: pyfuse3 before 3.5 makes its read lock there.

@@ -36,6 +36,9 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "image": Subcommand("unionfs.image.cli", "import, list, inspect, remove images in the store"),
     "run": Subcommand("unionfs.container", "run a command in an image, rootless"),
     "sandbox": Subcommand("unionfs.sandbox", "run a program over your home; review, keep or drop"),
+    "diff": Subcommand("unionfs.changes.diff", "what an upper changes over its lowers (A/C/D)"),
+    "export-layer": Subcommand("unionfs.changes.export", "write an upper as an OCI layer tar"),
+    "apply": Subcommand("unionfs.changes.apply", "apply an upper's changes onto a directory"),
 }
 
 

@@ -345,6 +345,8 @@ class Upper:
             if not dst.is_dir:
                 await self._up_if_hard_linked(dst, new_parent, new)
             dst_gone = self.stack.lstat(dst.layer, new_parent.path(), new)
+            if dst.layer != 0 and dst_gone is not None:  # a lower object renamed over
+                self.copyup.replaced((*new_parent.path(), new), dst_gone)
         old_path, new_path = old_parent.path(), new_parent.path()
         ofd, nfd = self.stack.dirfd(0, old_path), self.stack.dirfd(0, new_path)
         leave_whiteout = self.lower_has(old_parent, old)

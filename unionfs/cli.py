@@ -196,6 +196,10 @@ class Daemon:
                     durable=not cfg.volatile,
                     metacopy=cfg.metacopy,
                 )
+                if cfg.identities:
+                    from .identity import IdentityLog
+
+                    self.copyup.on_replace = IdentityLog(cfg.workdir).record
                 work_fd = self.copyup.work_fd
                 if writer.fmt == "kernel" and not (
                     probe_whiteout(work_fd) and probe_opaque(writer, work_fd)
@@ -234,6 +238,10 @@ class Daemon:
 
     async def _serve(self, ready_fd: int | None) -> None:
         async with trio.open_nursery() as nursery:
+            if self.cfg.live:
+                from .watch import LowerWatch
+
+                nursery.start_soon(LowerWatch(self.ops).run)
             nursery.start_soon(self._watch_signals)
             nursery.start_soon(self._when_ready, ready_fd)
             await pyfuse3.main()

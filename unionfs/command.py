@@ -39,6 +39,8 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "apply": Subcommand("unionfs.changes.apply", "apply an upper's changes onto a directory"),
     "squash": Subcommand("unionfs.changes.squash", "flatten a range of layers into one"),
     "convert": Subcommand("unionfs.changes.convert", "rewrite a layer's markers in another format"),
+    "run": Subcommand("unionfs.container", "run a command in an image, rootless"),
+    "sandbox": Subcommand("unionfs.sandbox", "run a program over your home; review, keep or drop"),
 }
 
 

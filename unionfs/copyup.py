@@ -25,6 +25,7 @@ import logging
 import os
 import shutil
 import stat as stat_mod
+from collections.abc import Callable
 
 import trio
 
@@ -133,7 +134,15 @@ class CopyUp:
         stack.lower_links_xattr = writer.lower_links_xattr
         self._names = itertools.count()
         self._locks: dict[int, trio.Lock] = {}
+        #: Called with (merged path, lower lstat) just before a lower object is
+        #: replaced in the upper (copy-up here, whiteout in upper.py): -o
+        #: identities records it, for the conflict check of sandbox commit.
+        self.on_replace: Callable[[tuple[bytes, ...], os.stat_result], None] | None = None
         self.clean()
+
+    def replaced(self, path: tuple[bytes, ...], st: os.stat_result) -> None:
+        if self.on_replace is not None:
+            self.on_replace(path, st)
 
     def close(self) -> None:
         os.close(self.work_fd)
@@ -216,6 +225,7 @@ class CopyUp:
                 return
             path = node.path()
             st = self.stack.stat_dir(node.dir_layers[0], path)
+            self.replaced(path, st)
             tmp = self.temp_name()
             os.mkdir(tmp, 0o700, dir_fd=self.work_fd)
             try:
@@ -338,6 +348,7 @@ class CopyUp:
         layer, dirpath, name = node.layer, node.dirpath(), node.name
         src_dir = self.stack.dirfd(layer, dirpath)
         st = os.stat(name, dir_fd=src_dir, follow_symlinks=False)
+        self.replaced((*dirpath, name), st)
         hardlinked = st.st_nlink > 1
         if hardlinked and self.link_indexed(node):
             return

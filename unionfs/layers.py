@@ -229,6 +229,12 @@ class LayerStack:
             _, dropped = self._names.popitem(last=False)
             self._names_total -= len(dropped)
 
+    def forget_names(self, layer: int, path: Path) -> None:
+        """Drop a lower directory's remembered names (it changed: -o live)."""
+        old = self._names.pop((layer, path), None)
+        if old is not None:
+            self._names_total -= len(old)
+
     def _names_of(self, layer: int, path: Path, build: bool) -> frozenset[bytes] | None:
         names = self._names.get((layer, path))
         if names is not None:

@@ -131,6 +131,8 @@ class UnionOperations(pyfuse3.Operations):
             ),
             config.xattr_permissions,
         )
+        #: Called with each directory a lookup or opendir reads (-o live: watch.py).
+        self.on_dir_used: Callable[[Node], None] | None = None
 
     # -- helpers ---------------------------------------------------------------
 
@@ -258,6 +260,8 @@ class UnionOperations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         parent = self._dir(parent_inode)
+        if self.on_dir_used is not None:
+            self.on_dir_used(parent)
         if name == b".":
             node = parent
         elif name == b"..":
@@ -299,6 +303,8 @@ class UnionOperations(pyfuse3.Operations):
     @_guard
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         node = self._dir(inode)
+        if self.on_dir_used is not None:
+            self.on_dir_used(node)
         fh = self._new_fh()
         self._dirs[fh] = DirHandle(node)
         return fh

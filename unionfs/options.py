@@ -90,6 +90,10 @@ class MountConfig:
     volatile: bool = False
     metacopy: bool = False
     spin_us: int = 30
+    #: Follow changes made to the lowers while mounted (unionfs/watch.py).
+    live: bool = False
+    #: Record the lower objects the upper replaces (unionfs/identity.py).
+    identities: bool = False
     kernel_flags: list[str] = field(default_factory=list)
     #: fuse-overlayfs' ownership options (see unionfs.ownership): id mappings
     #: CONTAINER:HOST:SIZE triples, squash targets, and ``xattr_permissions``
@@ -239,6 +243,10 @@ def build_config(
             cfg.acl = False
         elif flag == "volatile":
             cfg.volatile = True
+        elif flag == "live":
+            cfg.live = True
+        elif flag == "identities":
+            cfg.identities = True
         elif flag in ("debug",):
             cfg.debug = True
         elif flag == "default_permissions":
@@ -387,11 +395,15 @@ def volatile_marker(workdir: str) -> str:
     return os.path.join(workdir, "work", "incompat", "volatile")
 
 
-def check_paths(cfg: MountConfig, is_root: bool | None = None) -> None:
+def check_paths(
+    cfg: MountConfig, is_root: bool | None = None, upper_in_lower: bool = False
+) -> None:
     """Refuse every invocation that would deadlock, overlap or half-mount.
 
     Resolves every path to its real absolute form (in place) first, so later
-    steps compare and open exactly what was checked.
+    steps compare and open exactly what was checked.  ``upper_in_lower`` lets
+    a tool that hides the upper from the view itself (the sandbox keeps its
+    upper under $HOME and covers it inside its namespace) put it there.
     """
     if is_root is None:
         is_root = os.geteuid() == 0
@@ -434,13 +446,13 @@ def check_paths(cfg: MountConfig, is_root: bool | None = None) -> None:
             )
     if cfg.upper is not None:
         for lower in cfg.lowers:
-            if _inside(cfg.upper, lower):
+            if _inside(cfg.upper, lower) and not upper_in_lower:
                 raise ConfigError(f"upper directory {cfg.upper!r} is inside lower {lower!r}")
             if _inside(lower, cfg.upper):
                 raise ConfigError(f"lower directory {lower!r} is inside upper {cfg.upper!r}")
         if not os.access(cfg.upper, os.W_OK | os.X_OK) and not cfg.read_only:
             raise ConfigError(f"upper directory {cfg.upper!r} is not writable")
-        _check_workdir(cfg, branches)
+        _check_workdir(cfg, [cfg.upper] if upper_in_lower else branches)
 
     if not cfg.nonempty:
         try:

@@ -33,6 +33,7 @@ class Subcommand(NamedTuple):
 SUBCOMMANDS: dict[str, Subcommand] = {
     "mount": Subcommand("unionfs.cli", "mount a union (the same as unionfs-mount)"),
     "check": Subcommand("unionfs.check", "check or repair an upper (the same as unionfs-check)"),
+    "stats": Subcommand("unionfs.stats", "requests, latencies, cache hits and memory of a mount"),
 }
 
 

@@ -41,6 +41,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "convert": Subcommand("unionfs.changes.convert", "rewrite a layer's markers in another format"),
     "run": Subcommand("unionfs.container", "run a command in an image, rootless"),
     "sandbox": Subcommand("unionfs.sandbox", "run a program over your home; review, keep or drop"),
+    "stats": Subcommand("unionfs.stats", "requests, latencies, cache hits and memory of a mount"),
 }
 
 

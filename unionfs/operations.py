@@ -16,13 +16,14 @@ import functools
 import logging
 import os
 import stat as stat_mod
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import pyfuse3
 
-from . import markers, ownership
+from . import markers, ownership, stats
 from .inodes import InodeTable, Node
 from .layers import Entry, LayerStack
 from .options import MountConfig
@@ -42,10 +43,17 @@ _READ_AHEAD_AT_OPEN = 128 * 1024
 
 
 def _guard(fn: F) -> F:
-    """Map every failure of a handler to an errno reply; never let one escape."""
+    """Map every failure of a handler to an errno reply; never let one escape.
+
+    Also the one place that counts requests: each one's latency goes into its
+    type's log2 histogram (``unionfs stats``; a clock read and an increment).
+    """
+    buckets = stats.COUNTERS.buckets(fn.__name__)
+    clock = time.perf_counter_ns
 
     @functools.wraps(fn)
     async def wrapper(*args: Any) -> Any:
+        start = clock()
         try:
             return await fn(*args)
         except pyfuse3.FUSEError:
@@ -55,6 +63,8 @@ def _guard(fn: F) -> F:
         except Exception:
             log.exception("unexpected error in %s%r", fn.__name__, args[1:])
             raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            buckets[(clock() - start).bit_length()] += 1
 
     return wrapper  # type: ignore[return-value]
 
@@ -133,6 +143,7 @@ class UnionOperations(pyfuse3.Operations):
         )
         #: Called with each directory a lookup or opendir reads (-o live: watch.py).
         self.on_dir_used: Callable[[Node], None] | None = None
+        stats.instrument(table, stack, self.upper.copyup if self.upper is not None else None)
 
     # -- helpers ---------------------------------------------------------------
 
@@ -315,7 +326,9 @@ class UnionOperations(pyfuse3.Operations):
         node = handle.node
         assert node.dir_layers is not None
         if handle.names is None:
-            if node.listing is None or node.listing_gen != self.stack.generation:
+            stale = node.listing is None or node.listing_gen != self.stack.generation
+            stats.count("listings", hit=not stale)
+            if stale:
                 node.listing = self.stack.merged_names(
                     node.path(), node.dir_layers, node.xwh_layers
                 )
@@ -705,6 +718,7 @@ class UnionOperations(pyfuse3.Operations):
         kernel asks for ``security.capability`` before writes: most objects
         have none, and this answers those from memory.
         """
+        stats.count("xattr_names", hit=node.xattrs is not None)
         if node.xattrs is None:
             layer, dirpath, fname = self._xattr_target(node)
             names = self.stack.listxattr(layer, dirpath, fname)
@@ -716,6 +730,8 @@ class UnionOperations(pyfuse3.Operations):
 
     @_guard
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if name == stats.XATTR and inode == pyfuse3.ROOT_INODE:
+            return self._stats_reply(ctx)
         if markers.is_private_xattr(name):
             raise OSError(errno.EOPNOTSUPP, "union-private xattr")
         node = self.table[inode]
@@ -800,6 +816,12 @@ class UnionOperations(pyfuse3.Operations):
         ):
             setattr(out, field, getattr(sv, field))
         return out
+
+    def _stats_reply(self, ctx: pyfuse3.RequestContext) -> bytes:
+        """The counters (``unionfs stats``), for the mounting user and root only."""
+        if ctx.uid not in (0, os.geteuid()):
+            raise OSError(errno.EACCES, "the stats of a mount are its owner's")
+        return stats.encode(self.stats())
 
     def stats(self) -> dict[str, int]:
         """Sizes of what the daemon holds (SIGUSR1 logs them)."""

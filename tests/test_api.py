@@ -144,7 +144,10 @@ def test_busy_mount_is_detached_and_the_daemon_reaped(layers: tuple[Path, Path, 
 
 def test_killed_daemon_leaves_no_dead_mount(layers: tuple[Path, Path, Path]) -> None:
     lower, up, mnt = layers
-    with unionfs.mounted([lower], up, mnt) as m:
+    with (
+        pytest.raises(unionfs.MountError, match="killed by signal 9"),
+        unionfs.mounted([lower], up, mnt) as m,
+    ):
         os.kill(m.pid, signal.SIGKILL)
         m.proc.wait()
         assert support.errno_of(lambda: os.listdir(mnt)) == errno.ENOTCONN

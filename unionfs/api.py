@@ -221,8 +221,11 @@ class Mount:
     def __exit__(self, exc_type: object, *_: object) -> None:
         already = self._done  # an explicit unmount() returned the status
         code = self.unmount()
-        if code > 0 and exc_type is None and not already:
-            raise MountError(f"the daemon of {str(self.mountpoint)!r} exited with status {code}", 1)
+        if code != 0 and exc_type is None and not already:
+            # A daemon killed by a signal (the OOM killer, a stray kill) failed the
+            # programs in the block as surely as one that exited with an error.
+            how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+            raise MountError(f"the daemon of {str(self.mountpoint)!r} {how}", 1)
 
 
 def _unmount(path: str, lazy: bool) -> bool:

@@ -103,14 +103,14 @@ def _counted_copy_up(copy_up: Callable[..., Any], stack: Any) -> Callable[..., A
     totals = COUNTERS.copyups
 
     @functools.wraps(copy_up)
-    async def counted(node: Any, with_data: bool = True) -> None:
-        if node.is_dir or node.layer == 0:
-            return await copy_up(node, with_data)
+    async def counted(node: Any, with_data: bool = True, meta_only: bool = False) -> None:
+        if node.is_dir or (node.layer == 0 and not node.metacopy):
+            return await copy_up(node, with_data, meta_only)
         start = time.perf_counter_ns()
-        await copy_up(node, with_data)
+        await copy_up(node, with_data, meta_only)
         totals["ns"] += time.perf_counter_ns() - start
         totals["count"] += 1
-        if with_data:
+        if with_data and not node.metacopy:  # a metadata-only copy moved no data
             st = stack.lstat(0, node.dirpath(), node.name)
             totals["bytes"] += st.st_size if st is not None else 0
 

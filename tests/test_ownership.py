@@ -13,6 +13,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import imagetools as it
@@ -363,20 +364,32 @@ def test_fuse_overlayfs_reads_our_layers(user_image: Path, unpriv_user, unpriv_t
 
     layers = Store.open(str(user_image)).image("img:1").layers
     (mnt,) = _dirs(unpriv_tmp, unpriv_user, "fmnt")
-    r = subprocess.run(
-        ["fuse-overlayfs", "-o", "lowerdir=" + ":".join(layers), str(mnt)],
-        capture_output=True,
+    # In the foreground, so that the daemon is ours to stop by its PID (a
+    # daemonized peer may still be exiting when the test ends).
+    peer = subprocess.Popen(
+        ["fuse-overlayfs", "-f", "-o", "lowerdir=" + ":".join(layers), str(mnt)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
         text=True,
         preexec_fn=support.as_user(unpriv_user),
     )
-    assert r.returncode == 0, r.stderr
     try:
+        deadline = time.monotonic() + 30
+        while not support.is_mounted(mnt):
+            assert peer.poll() is None, peer.stderr.read() if peer.stderr else ""
+            assert time.monotonic() < deadline, "fuse-overlayfs did not mount"
+            time.sleep(0.05)
         etc = ls_ln(mnt / "etc", unpriv_user)
         assert etc["passwd"][1:3] == ("0", "0") and etc["motd"][1:3] == ("33", "33")
         assert ls_ln(mnt / "bin", unpriv_user)["su"][0] == "-rwsr-xr-x"
     finally:
         subprocess.run(["fusermount3", "-u", str(mnt)], preexec_fn=support.as_user(unpriv_user))
         support.wait_unmounted(mnt)
+        try:
+            peer.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            peer.kill()
+            peer.wait()
 
 
 def test_file_capability_kept_without_root_and_shown(

@@ -23,6 +23,7 @@ import errno
 import hashlib
 import os
 import stat
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -347,3 +348,23 @@ def test_unreadable_objects_in_every_layer_position(
         assert name in got["d list"], name
     assert got["d/top700 list"] == "EACCES" and got["d/topf000 data"] == "EACCES"
     assert got_ops["append f_mid"] == "ok" and got_ops["chmod home"] == "ok"
+
+
+def test_unreadable_lower_root_is_refused_at_mount(tmp, unpriv_user):
+    """A whole lower the user cannot read is one clear error, not a mount whose every
+    listing fails."""
+    from support import as_user, unionfs_command
+
+    (tmp / "secret").mkdir(mode=0o700)
+    (tmp / "secret" / "a").write_bytes(b"a")
+    for d in ("upper", "mnt"):
+        (tmp / d).mkdir()
+        os.chown(tmp / d, unpriv_user.uid, unpriv_user.gid)
+    r = subprocess.run(
+        [*unionfs_command(), str(tmp / "secret"), str(tmp / "upper"), str(tmp / "mnt")],
+        capture_output=True,
+        text=True,
+        preexec_fn=as_user(unpriv_user),
+    )
+    assert r.returncode == 1 and "cannot be read by this user" in r.stderr, r
+    assert len(r.stderr.strip().splitlines()) == 1 and not os.path.ismount(tmp / "mnt")

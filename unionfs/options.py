@@ -422,6 +422,9 @@ def check_paths(
         return os.path.realpath(path)
 
     cfg.lowers = [real_dir(p, "lower directory") for p in cfg.lowers]
+    for lower in cfg.lowers:  # else every lookup falling through it would fail, not the mount
+        if not os.access(lower, os.R_OK | os.X_OK):
+            raise ConfigError(f"lower directory {lower!r} cannot be read by this user")
     if cfg.upper is not None:
         cfg.upper = real_dir(cfg.upper, "upper directory")
     cfg.mountpoint = real_dir(cfg.mountpoint, "mount point")

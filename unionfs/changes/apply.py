@@ -734,8 +734,8 @@ def apply(
         if dry_run:
             return actions
         _clear_stale_journal(journal)
-        os.makedirs(os.path.join(journal, _BACKUP), mode=0o700, exist_ok=True)
         _journal_checks(journal, target)
+        os.makedirs(os.path.join(journal, _BACKUP), mode=0o700, exist_ok=True)
         doc = {
             "version": _VERSION,
             "upper": upper,

@@ -767,3 +767,17 @@ def test_squash_over_a_base_shows_the_same_view(tmp: Path, unionfs):
     assert diff_snapshots(want, snapshot(m.mnt, xattr_prefixes=XATTRS), ("three", "oci")) == []
     r = run_unionfs("squash", f"{l0}:{l1}", "-o", str(out))
     assert r.returncode == 1 and b"exists" in r.stderr
+
+
+def test_lower_names_not_linked_up_are_warned_about(tmp: Path, unionfs):
+    lowers = make_layers(tmp / "layers", [{"hl": {"one": "x\n", "two": Hardlink("hl/one")}}])
+    upper = tmp / "upper"
+    upper.mkdir()
+    m = unionfs(lowers, upper)
+    with open(m.mnt / "hl" / "one", "a") as f:  # hl/two is never looked up
+        f.write("y\n")
+    m.close()
+    r = run_unionfs("diff", str(upper))
+    assert r.returncode == 0
+    assert r.stdout.decode().splitlines() == ["C /hl (metadata: times)", "C /hl/one"]
+    assert b"/hl/one: a hard-linked lower file with 1 other name(s) not linked up" in r.stderr

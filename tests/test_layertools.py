@@ -781,3 +781,27 @@ def test_lower_names_not_linked_up_are_warned_about(tmp: Path, unionfs):
     assert r.returncode == 0
     assert r.stdout.decode().splitlines() == ["C /hl (metadata: times)", "C /hl/one"]
     assert b"/hl/one: a hard-linked lower file with 1 other name(s) not linked up" in r.stderr
+
+
+# --------------------------------------------------------------------------- pure parts
+
+
+def test_mount_argv_and_overlay_options_parsing():
+    from unionfs.changes.source import _overlay_options, _split_mount_argv
+
+    assert _split_mount_argv(
+        [
+            "/usr/bin/python3",
+            "/v/bin/unionfs-mount",
+            "-f",
+            "-o",
+            "ro,x",
+            "/a/unionfs-1:/b",
+            "/u",
+            "/m",
+        ]
+    ) == (["/a/unionfs-1:/b", "/u", "/m"], ["ro,x"])
+    assert _split_mount_argv(["unionfs", "mount", "/l", "/m"]) == (["/l", "/m"], [])
+    assert _split_mount_argv(["unionfs", "diff", "/u"]) == ([], [])
+    opts = _overlay_options(r"rw,lowerdir=/a\,b:/c,upperdir=/u,workdir=/w,userxattr")
+    assert opts["lowerdir"] == r"/a\,b:/c" and opts["upperdir"] == "/u" and "userxattr" in opts

@@ -54,7 +54,10 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="kernel overlayfs orac
 
 UNIONFS = [sys.executable, "-m", "unionfs.command"]
 #: What a merged view is compared on (times differ between any two copies).
-XATTRS = ("user.", "security.capability")
+XATTRS = ("user.", "security.capability", "system.posix_acl_access")
+#: A file capability (v2, cap_net_bind_service) and an access ACL (u::rwx,u:1000:r,g::r,m::r,o::r).
+CAP = "0x0100000200040000000000000000000000000000"
+ACL = "0x0200000001000700ffffffff02000400e803000004000400ffffffff10000400ffffffff20000400ffffffff"
 
 
 def run_unionfs(*args: str, **kw) -> subprocess.CompletedProcess[bytes]:
@@ -109,6 +112,8 @@ ln etc/passwd etc/passwd.hard
 echo "x" > bin/tool
 chmod 4755 bin/tool
 mkdir -p new/deep/er && echo deep > new/deep/er/file
+cp /bin/true bin/captrue && setfattr -n security.capability -v "$CAP" bin/captrue
+echo acl > etc/acl && setfattr -n system.posix_acl_access -v "$ACL" etc/acl
 git init -q repo && cd repo && git config user.email t@t && git config user.name t
 echo hello > README && git add README && git commit -qm one && cd ..
 sqlite3 db.sqlite 'create table t(x); insert into t values (1), (2);'
@@ -122,7 +127,8 @@ def scene(tmp: Path, unionfs):
     upper = tmp / "upper"
     upper.mkdir()
     m = unionfs(lowers, upper)
-    r = subprocess.run(["sh", "-c", WORKLOAD], cwd=m.mnt, capture_output=True, text=True)
+    env = dict(os.environ, CAP=CAP, ACL=ACL)
+    r = subprocess.run(["sh", "-c", WORKLOAD], cwd=m.mnt, capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr
     merged = snapshot(m.mnt, xattr_prefixes=XATTRS)
     m.close()
@@ -331,6 +337,9 @@ def test_exported_layer_extracts_to_the_merged_view(scene, tmp: Path):
     assert members["bin/tool"].mode == 0o4755
     assert members["etc/owned"].uid == 4321 and members["etc/owned"].uname == ""
     assert members["etc/attr"].pax_headers["SCHILY.xattr.user.colour"] == "red"
+    assert "SCHILY.xattr.security.capability" in members["bin/captrue"].pax_headers
+    assert "SCHILY.xattr.system.posix_acl_access" in members["etc/acl"].pax_headers
+    assert "security.capability" in merged["bin/captrue"][5][0]
     assert not any("overlay" in k for m in members.values() for k in m.pax_headers)
     root = tmp / "extracted"
     shutil.copytree(base, root, symlinks=True)

@@ -815,3 +815,51 @@ def test_mount_argv_and_overlay_options_parsing():
     assert _split_mount_argv(["unionfs", "diff", "/u"]) == ([], [])
     opts = _overlay_options(r"rw,lowerdir=/a\,b:/c,upperdir=/u,workdir=/w,userxattr")
     assert opts["lowerdir"] == r"/a\,b:/c" and opts["upperdir"] == "/u" and "userxattr" in opts
+
+
+def test_tar_stream_writes_what_tarfile_writes(tmp: Path):
+    """The fast header path is byte for byte Python's tarfile (PAX format)."""
+    from unionfs.oci.changeset import TarStream
+
+    data = tmp / "data"
+    data.write_bytes(b"z" * 1000)
+
+    def infos():
+        for name, kind, extra in [
+            ("a", tarfile.REGTYPE, {"size": 1000, "mode": 0o4755, "uid": 4321}),
+            ("d", tarfile.DIRTYPE, {"mode": 0o1777}),
+            ("d/l", tarfile.SYMTYPE, {"linkname": "../a"}),
+            ("d/h", tarfile.LNKTYPE, {"linkname": "a"}),
+            ("d/c", tarfile.CHRTYPE, {"devmajor": 1, "devminor": 3}),
+            ("d/p", tarfile.FIFOTYPE, {}),
+            ("x" * 150, tarfile.REGTYPE, {"size": 1000}),
+            ("caf\u00e9-\udcff", tarfile.REGTYPE, {"size": 1000, "uid": 1 << 30}),
+            ("xa", tarfile.REGTYPE, {"size": 1000, "pax_headers": {"SCHILY.xattr.user.k": "v"}}),
+        ]:
+            ti = tarfile.TarInfo(name)
+            ti.type, ti.mtime, ti.uname, ti.gname = kind, 1234, "", ""
+            for k, v in extra.items():
+                setattr(ti, k, v)
+            yield ti
+
+    ref = io.BytesIO()
+    with tarfile.open(
+        fileobj=ref,
+        mode="w|",
+        format=tarfile.PAX_FORMAT,
+        encoding="utf-8",
+        errors="surrogateescape",
+    ) as tf:
+        for ti in infos():
+            with open(data, "rb") as f:
+                tf.addfile(ti, f if ti.size else None)
+    ours = io.BytesIO()
+    stream = TarStream(ours)
+    for ti in infos():
+        fd = os.open(data, os.O_RDONLY)
+        try:
+            stream.add(ti, fd if ti.size else None)
+        finally:
+            os.close(fd)
+    stream.close()
+    assert ours.getvalue() == ref.getvalue()

@@ -106,6 +106,8 @@ rm -rf opt/keep
 echo again > opt/keep2
 echo changed >> hl/one
 stat hl/two hl/three > /dev/null
+rm hl/three && mkdir hl/three && echo in > hl/three/file
+rm -rf usr/share && echo now-a-file > usr/share
 mkfifo fifo
 mknod dev c 1 3
 ln etc/passwd etc/passwd.hard
@@ -461,8 +463,7 @@ def test_apply_gives_the_merged_view_and_undo_gives_the_copy_back(scene, tmp: Pa
     assert (
         diff_snapshots(merged, snapshot(target, xattr_prefixes=XATTRS), ("merged", "applied")) == []
     )
-    hl = [os.lstat(target / "hl" / n).st_ino for n in ("one", "two", "three")]
-    assert len(set(hl)) == 1
+    assert os.path.samefile(target / "hl" / "one", target / "hl" / "two")
     r = run_unionfs("apply", "--undo", str(upper), str(target))
     assert r.returncode == 0, r.stderr
     assert diff_snapshots(orig, snapshot(target, xattr_prefixes=XATTRS), ("copy", "undone")) == []

@@ -212,6 +212,26 @@ def _selected_closure(changes: list[Change], select: Select | None) -> set[Path]
     return keep
 
 
+def _check_shape(c: Change, tst: os.stat_result | None) -> None:
+    """Refuse to replace a directory by a non-directory, or back, unless the upper did.
+
+    A symlink (or file) in TARGET where the lowers had a directory means TARGET
+    is not what the upper was made over; replacing it would be a guess.
+    """
+    if tst is None or c.kind is Kind.DELETED:
+        return
+    lower_dir = c.lower is not None and stat_mod.S_ISDIR(c.lower.st_mode)
+    lower_nondir = c.lower is not None and not lower_dir
+    if c.is_dir and not stat_mod.S_ISDIR(tst.st_mode) and not lower_nondir:
+        what = "a symlink" if stat_mod.S_ISLNK(tst.st_mode) else "a non-directory"
+        raise ApplyError(
+            f"{_show(c.path)}: TARGET has {what} where the upper has a directory"
+            " over the lowers' (refusing)"
+        )
+    if not c.is_dir and stat_mod.S_ISDIR(tst.st_mode) and not lower_dir:
+        raise ApplyError(f"{_show(c.path)}: TARGET has a directory where the lowers had none")
+
+
 def plan(
     changes: list[Change],
     tree: Tree,
@@ -229,6 +249,8 @@ def plan(
     removed: set[Path] = set()
     #: Non-directories this plan writes: the names a later hard link may point at.
     put_paths: set[Path] = set()
+    #: Directories this plan creates (TARGET has none there when planned).
+    new_dirs: set[Path] = set()
 
     def add(step: Step) -> None:
         step.n = len(steps)
@@ -252,7 +274,10 @@ def plan(
             continue
         if parent not in dirs_ok:
             raise ApplyError(f"{_show(parent)}: TARGET has no directory there")
-        tst = tree.lstat(c.path)
+        # Below a directory this plan makes anew, TARGET has nothing yet (and may
+        # hold a non-directory on the way, which must not be looked through).
+        fresh_parent = any(parent[:i] in new_dirs for i in range(1, len(parent) + 1))
+        tst = None if fresh_parent else tree.lstat(c.path)
         spath = [os.fsdecode(x) for x in c.path]
         if conflict_check is not None and fully and not conflict_check(c, tst):
             actions.append(Action(_show(c.path), "skip", c.kind.value, "conflict"))
@@ -266,12 +291,14 @@ def plan(
                 add(Step(0, "remove", spath, "D", _kind_of(tst)))
                 removed.add(c.path)
             continue
+        _check_shape(c, tst)
         if c.is_dir:
             had = _kind_of(tst)
             meta = _meta(c)
             dirmeta = None
             if had != "dir":
                 add(Step(0, "mkdir", spath, c.kind.value, had, meta=meta))
+                new_dirs.add(c.path)
             if had != "dir" or (fully and c.kind is not Kind.SAME):
                 old: dict[str, Any] = {}
                 if had == "dir":

@@ -281,8 +281,8 @@ class ChangesetWriter:
     def write(self, c: Change) -> None:
         """Write one change (its markers included) to the tar."""
         if c.kind is Kind.DELETED:
-            if c.in_opaque and not self.explicit:
-                return  # the opaque marker of a directory above hides it
+            if c.under_nondir or (c.in_opaque and not self.explicit):
+                return  # hidden by the non-directory, or the opaque marker, above it
             self._add(_marker((*c.path[:-1], markers.oci_whiteout_name(c.path[-1]))))
             return
         st = c.st

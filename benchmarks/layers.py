@@ -10,7 +10,7 @@
   upper (the physical limit: no lower lookups, no whiteout rules).
 - apply: ``apply`` of that upper onto a directory against ``tar -x`` of the
   upper's tar and a per-file copy loop (``shutil.copy2`` per file, as try's
-  commit or a naive script does), with an fsync per file and with one syncfs.
+  commit or a naive script does), with an fsync per file and with no sync.
 
 Run: ``.venv/bin/python benchmarks/layers.py [--files 200000] [--small 10000]``
 (``--quick`` for a smoke run).  Prints seconds and ratios; asserts nothing.
@@ -172,7 +172,7 @@ def bench_small(work: Path, small: int) -> None:
     t_copy, t_copy_sync = copy_loop(False), copy_loop(True)
     print(f"apply of {small} small files:")
     print(
-        f"  apply (one syncfs)       {t_apply:8.3f} s   {t_apply / t_tarx:.2f}x tar -x,"
+        f"  apply (no sync)       {t_apply:8.3f} s   {t_apply / t_tarx:.2f}x tar -x,"
         f" {t_apply / t_copy:.2f}x a copy loop"
     )
     print(

@@ -212,6 +212,26 @@ def _selected_closure(changes: list[Change], select: Select | None) -> set[Path]
     return keep
 
 
+def _check_shape(c: Change, tst: os.stat_result | None) -> None:
+    """Refuse to replace a directory by a non-directory, or back, unless the upper did.
+
+    A symlink (or file) in TARGET where the lowers had a directory means TARGET
+    is not what the upper was made over; replacing it would be a guess.
+    """
+    if tst is None or c.kind is Kind.DELETED:
+        return
+    lower_dir = c.lower is not None and stat_mod.S_ISDIR(c.lower.st_mode)
+    lower_nondir = c.lower is not None and not lower_dir
+    if c.is_dir and not stat_mod.S_ISDIR(tst.st_mode) and not lower_nondir:
+        what = "a symlink" if stat_mod.S_ISLNK(tst.st_mode) else "a non-directory"
+        raise ApplyError(
+            f"{_show(c.path)}: TARGET has {what} where the upper has a directory"
+            " over the lowers' (refusing)"
+        )
+    if not c.is_dir and stat_mod.S_ISDIR(tst.st_mode) and not lower_dir:
+        raise ApplyError(f"{_show(c.path)}: TARGET has a directory where the lowers had none")
+
+
 def plan(
     changes: list[Change],
     tree: Tree,
@@ -229,6 +249,8 @@ def plan(
     removed: set[Path] = set()
     #: Non-directories this plan writes: the names a later hard link may point at.
     put_paths: set[Path] = set()
+    #: Directories this plan creates (TARGET has none there when planned).
+    new_dirs: set[Path] = set()
 
     def add(step: Step) -> None:
         step.n = len(steps)
@@ -252,7 +274,10 @@ def plan(
             continue
         if parent not in dirs_ok:
             raise ApplyError(f"{_show(parent)}: TARGET has no directory there")
-        tst = tree.lstat(c.path)
+        # Below a directory this plan makes anew, TARGET has nothing yet (and may
+        # hold a non-directory on the way, which must not be looked through).
+        fresh_parent = any(parent[:i] in new_dirs for i in range(1, len(parent) + 1))
+        tst = None if fresh_parent else tree.lstat(c.path)
         spath = [os.fsdecode(x) for x in c.path]
         if conflict_check is not None and fully and not conflict_check(c, tst):
             actions.append(Action(_show(c.path), "skip", c.kind.value, "conflict"))
@@ -266,12 +291,14 @@ def plan(
                 add(Step(0, "remove", spath, "D", _kind_of(tst)))
                 removed.add(c.path)
             continue
+        _check_shape(c, tst)
         if c.is_dir:
             had = _kind_of(tst)
             meta = _meta(c)
             dirmeta = None
             if had != "dir":
                 add(Step(0, "mkdir", spath, c.kind.value, had, meta=meta))
+                new_dirs.add(c.path)
             if had != "dir" or (fully and c.kind is not Kind.SAME):
                 old: dict[str, Any] = {}
                 if had == "dir":
@@ -387,12 +414,13 @@ class _Run:
 
     # -- do ----------------------------------------------------------------------------
 
-    def do(self, step: Step) -> None:
+    def do(self, step: Step, fresh: bool = False) -> None:
+        """Carry out one step; ``fresh``: this run made the plan, nothing of it exists yet."""
         path = step.bpath
         if step.op == "dirmeta":
             self._set_meta_path(path, step.meta, is_dir=True)
             return
-        if self.committed(step):
+        if not fresh and self.committed(step):
             return
         pfd = self.tree.dirfd(path[:-1])
         name = path[-1]
@@ -400,7 +428,8 @@ class _Run:
             self._to_backup(step, pfd, name)
             return
         tmp = self._tmp(step)
-        self._discard(pfd, tmp)
+        if not fresh:
+            self._discard(pfd, tmp)
         if step.op == "mkdir":
             os.mkdir(tmp, 0o700, dir_fd=pfd)
             # Writable by us until its dirmeta step, which sets the exact mode last.
@@ -410,7 +439,7 @@ class _Run:
             self._build(step, pfd, tmp)
         if step.had == "nondir" and step.op == "put":
             # The old file stays reachable from the backup; the swap is one rename.
-            if not self._exists(self.backup_fd, self._bak(step)):
+            if fresh or not self._exists(self.backup_fd, self._bak(step)):
                 os.link(
                     name,
                     self._bak(step),
@@ -420,7 +449,7 @@ class _Run:
                 )
             os.rename(tmp, name, src_dir_fd=pfd, dst_dir_fd=pfd)
         else:
-            if step.had is not None and self._exists(pfd, name):
+            if step.had is not None and (fresh or self._exists(pfd, name)):
                 self._to_backup(step, pfd, name)
             renameat2(pfd, tmp, pfd, name, RENAME_NOREPLACE)
         if step.op == "mkdir" or step.had == "dir":
@@ -645,7 +674,7 @@ def _journal_checks(journal: str, target: str) -> None:
 def _execute(
     doc: dict[str, Any],
     steps: list[Step],
-    done: set[int],
+    done: set[int] | None,
     journal: str,
     tree: Tree,
     durable: bool,
@@ -653,13 +682,16 @@ def _execute(
     progress: Callable[[int, int], None] | None,
 ) -> None:
     run = _Run(doc["upper"], tree, journal, doc["plan_id"], durable, warn)
+    #: None: this run made the plan, so no step can have happened (no inference needed).
+    fresh = done is None
+    done = done or set()
     log = os.open(os.path.join(journal, _DONE), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     try:
         for step in steps:
             if step.n in done:
                 continue
             try:
-                run.do(step)
+                run.do(step, fresh=fresh)
             except OSError as e:
                 raise ApplyError(
                     f"{step.display()}: {step.op}: {e.strerror} (rerun to resume, or --undo)"
@@ -667,14 +699,6 @@ def _execute(
             os.write(log, b"%d\n" % step.n)
             if progress is not None:
                 progress(step.n + 1, len(steps))
-        if not durable:
-            from ..syscalls import syncfs
-
-            fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY, dir_fd=tree.root_fd)
-            try:
-                syncfs(fd)
-            finally:
-                os.close(fd)
         os.fsync(log)
     finally:
         os.close(log)
@@ -734,8 +758,8 @@ def apply(
         if dry_run:
             return actions
         _clear_stale_journal(journal)
-        os.makedirs(os.path.join(journal, _BACKUP), mode=0o700, exist_ok=True)
         _journal_checks(journal, target)
+        os.makedirs(os.path.join(journal, _BACKUP), mode=0o700, exist_ok=True)
         doc = {
             "version": _VERSION,
             "upper": upper,
@@ -744,7 +768,7 @@ def apply(
             "steps": [dict(vars(s)) for s in steps],
         }
         _write_atomic(journal, _PLAN, json.dumps(doc).encode())
-        _execute(doc, steps, set(), journal, tree, durable, warn, progress)
+        _execute(doc, steps, None, journal, tree, durable, warn, progress)
     finally:
         tree.close()
     if not keep_journal:
@@ -798,7 +822,9 @@ def main(prog: str, argv: list[str]) -> int:
     parser.add_argument("--journal", help="journal dir (default: .TARGET.unionfs-apply beside)")
     parser.add_argument("--keep-journal", action="store_true", help="keep it, for a later --undo")
     parser.add_argument(
-        "--no-sync", action="store_true", help="one syncfs at the end instead of an fsync per file"
+        "--no-sync",
+        action="store_true",
+        help="no fsync (as -o volatile): survives a kill, not a crash",
     )
     parser.add_argument("--json", action="store_true", help="print the actions as JSON")
     args = parser.parse_args(argv)

@@ -85,6 +85,9 @@ class Change:
     #: For DELETED: hidden by an opaque directory above (or at) its parent, so an
     #: exported layer needs no whiteout of its own for it.
     in_opaque: bool = False
+    #: For DELETED: inside a directory the upper replaced by a non-directory (no
+    #: whiteout can be written there, and none is needed).
+    under_nondir: bool = False
 
     @property
     def is_dir(self) -> bool:
@@ -183,8 +186,9 @@ class _Dir:
 class Scanner:
     """Reads one upper against one lower stack; ``changes()`` gives the stream.
 
-    ``origin_ns`` is the namespace of the mount's own xattrs (``trusted.`` or
-    ``user.``); both are read when it is None.
+    The lowers are opened once (a ``LayerStack`` without upper); the upper is
+    opened by ``changes()``.  ``warnings`` collects what a caller should tell
+    the user (hard-linked lower names not linked up yet).
     """
 
     def __init__(self, upper: str, lowers: list[str] | tuple[str, ...]) -> None:
@@ -403,6 +407,18 @@ class Scanner:
         if not is_dir:
             self._note_link(change, d.fd, name)
             yield change
+            if entry is not None and entry.is_dir:
+                # A directory replaced by a non-directory: its contents are gone too.
+                for child in self._lower_names(entry, path):
+                    sub = self.stack.lookup(path, entry.dir_layers, entry.xwh_layers, child)
+                    yield Change(
+                        (*path, child),
+                        Kind.DELETED,
+                        lower=sub.st if sub else None,
+                        was_dir=bool(sub and sub.is_dir),
+                        in_opaque=True,
+                        under_nondir=True,
+                    )
             return
         try:
             fd = os.open(name, _DIR_FLAGS, dir_fd=d.fd)

@@ -22,7 +22,7 @@ from typing import Any
 import pyfuse3
 import trio
 
-from . import __version__, loop
+from . import __version__, loop, stackinfo
 from .copyup import CopyUp
 from .inodes import InodeTable
 from .layers import LayerStack
@@ -63,6 +63,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="with -f: write OK (or the start-up error) to inherited descriptor N once the"
         " mount answers, then close it",
+    )
+    parser.add_argument(
+        "--parent-fd",
+        type=int,
+        metavar="N",
+        help="with -f: unmount (lazily) and exit once inherited descriptor N, the read end of a"
+        " pipe its supervisor holds, reaches end of file (the supervisor ended)",
     )
     parser.add_argument("--version", action="version", version=f"unionfs {__version__}")
     return parser
@@ -110,6 +117,27 @@ def _ready_fd(args: argparse.Namespace) -> int | None:
         os.set_inheritable(fd, False)
     except OSError as e:
         raise ConfigError(f"--ready-fd {fd}: {e.strerror}", 2) from None
+    return fd
+
+
+def _parent_fd(args: argparse.Namespace) -> int | None:
+    """The validated ``--parent-fd``: the supervisor's lifeline, made non-inheritable.
+
+    The Python API starts the daemon in a session of its own (a Ctrl-C at the
+    terminal must reach the program, not its filesystem), so a SIGTERM or
+    SIGKILL of the program's process group does not reach the daemon: without
+    this, a killed program would leave its mount and daemon behind for good.
+    """
+    fd = args.parent_fd
+    if fd is None:
+        return None
+    if not (args.foreground or args.debug):
+        raise ConfigError("--parent-fd needs -f", 2)
+    try:
+        os.fstat(fd)
+        os.set_inheritable(fd, False)
+    except OSError as e:
+        raise ConfigError(f"--parent-fd {fd}: {e.strerror}", 2) from None
     return fd
 
 
@@ -171,8 +199,9 @@ def _setup_logging(cfg: MountConfig, daemon: bool) -> None:
 class Daemon:
     """One mounted union: builds the operations, serves, and tears down."""
 
-    def __init__(self, cfg: MountConfig) -> None:
+    def __init__(self, cfg: MountConfig, parent_fd: int | None = None) -> None:
         self.cfg = cfg
+        self.parent_fd = parent_fd
         self.stopped_by_signal = False
 
     def mount(self) -> None:
@@ -189,13 +218,24 @@ class Daemon:
             if cfg.upper is not None and not cfg.read_only:
                 assert cfg.workdir is not None
                 writer = Writer(cfg.whiteout, ns)
-                self.copyup = CopyUp(self.stack, cfg.workdir, writer, durable=not cfg.volatile)
+                self.copyup = CopyUp(
+                    self.stack,
+                    cfg.workdir,
+                    writer,
+                    durable=not cfg.volatile,
+                    metacopy=cfg.metacopy,
+                )
+                if cfg.identities:
+                    from .identity import IdentityLog
+
+                    self.copyup.on_replace = IdentityLog(cfg.workdir).record
                 work_fd = self.copyup.work_fd
                 if writer.fmt == "kernel" and not (
                     probe_whiteout(work_fd) and probe_opaque(writer, work_fd)
                 ):
                     log.warning("cannot write kernel-format markers here: writing OCI .wh. files")
                     writer.fmt = "oci"
+                stackinfo.record_mount(cfg.workdir, cfg.lowers, cfg.upper, writer.fmt, ns)
                 upper = Upper(self.stack, table, self.copyup, writer)
             self.ops = UnionOperations(self.stack, table, cfg, upper)
             # Before init: pyfuse3 before 3.5 makes its read lock there.
@@ -227,10 +267,29 @@ class Daemon:
 
     async def _serve(self, ready_fd: int | None) -> None:
         async with trio.open_nursery() as nursery:
+            if self.cfg.live:
+                from .watch import LowerWatch
+
+                nursery.start_soon(LowerWatch(self.ops).run)
             nursery.start_soon(self._watch_signals)
             nursery.start_soon(self._when_ready, ready_fd)
+            if self.parent_fd is not None:
+                nursery.start_soon(self._watch_parent, self.parent_fd)
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
+
+    async def _watch_parent(self, fd: int) -> None:
+        """Unmount, as on SIGTERM, once the supervisor's end of the lifeline is closed."""
+        while True:
+            await trio.lowlevel.wait_readable(fd)
+            try:
+                if not os.read(fd, 4096):
+                    break
+            except BlockingIOError:
+                continue
+        log.info("the supervisor ended: unmounting")
+        self.stopped_by_signal = True
+        pyfuse3.terminate()
 
     async def _when_ready(self, ready_fd: int | None) -> None:
         """Once a stat through the mount answers: tune it, and tell a waiting parent."""
@@ -335,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     given_fd = None
     try:
         given_fd = _ready_fd(args)
+        parent_fd = _parent_fd(args)
         cfg = _config(args)
         check_paths(cfg)
     except ConfigError as e:
@@ -355,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     os.umask(0)
     ready_fd = given_fd if cfg.foreground else _daemonize()
     _setup_logging(cfg, daemon=not cfg.foreground)
-    daemon = Daemon(cfg)
+    daemon = Daemon(cfg, parent_fd)
     try:
         if cfg.workdir is not None:
             os.makedirs(cfg.workdir, mode=0o700, exist_ok=True)

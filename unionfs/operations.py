@@ -16,13 +16,14 @@ import functools
 import logging
 import os
 import stat as stat_mod
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import pyfuse3
 
-from . import markers, ownership
+from . import markers, ownership, stats
 from .inodes import InodeTable, Node
 from .layers import Entry, LayerStack
 from .options import MountConfig
@@ -42,10 +43,17 @@ _READ_AHEAD_AT_OPEN = 128 * 1024
 
 
 def _guard(fn: F) -> F:
-    """Map every failure of a handler to an errno reply; never let one escape."""
+    """Map every failure of a handler to an errno reply; never let one escape.
+
+    Also the one place that counts requests: each one's latency goes into its
+    type's log2 histogram (``unionfs stats``; a clock read and an increment).
+    """
+    buckets = stats.COUNTERS.buckets(fn.__name__)
+    clock = time.perf_counter_ns
 
     @functools.wraps(fn)
     async def wrapper(*args: Any) -> Any:
+        start = clock()
         try:
             return await fn(*args)
         except pyfuse3.FUSEError:
@@ -55,6 +63,8 @@ def _guard(fn: F) -> F:
         except Exception:
             log.exception("unexpected error in %s%r", fn.__name__, args[1:])
             raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            buckets[(clock() - start).bit_length()] += 1
 
     return wrapper  # type: ignore[return-value]
 
@@ -131,6 +141,9 @@ class UnionOperations(pyfuse3.Operations):
             ),
             config.xattr_permissions,
         )
+        #: Called with each directory a lookup or opendir reads (-o live: watch.py).
+        self.on_dir_used: Callable[[Node], None] | None = None
+        stats.instrument(table, stack, self.upper.copyup if self.upper is not None else None)
 
     # -- helpers ---------------------------------------------------------------
 
@@ -258,6 +271,8 @@ class UnionOperations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         parent = self._dir(parent_inode)
+        if self.on_dir_used is not None:
+            self.on_dir_used(parent)
         if name == b".":
             node = parent
         elif name == b"..":
@@ -299,6 +314,8 @@ class UnionOperations(pyfuse3.Operations):
     @_guard
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         node = self._dir(inode)
+        if self.on_dir_used is not None:
+            self.on_dir_used(node)
         fh = self._new_fh()
         self._dirs[fh] = DirHandle(node)
         return fh
@@ -309,7 +326,9 @@ class UnionOperations(pyfuse3.Operations):
         node = handle.node
         assert node.dir_layers is not None
         if handle.names is None:
-            if node.listing is None or node.listing_gen != self.stack.generation:
+            stale = node.listing is None or node.listing_gen != self.stack.generation
+            stats.count("listings", hit=not stale)
+            if stale:
                 node.listing = self.stack.merged_names(
                     node.path(), node.dir_layers, node.xwh_layers
                 )
@@ -374,10 +393,10 @@ class UnionOperations(pyfuse3.Operations):
 
     _OPEN_KEEP = os.O_ACCMODE | os.O_APPEND | os.O_SYNC | os.O_DSYNC | os.O_NOATIME
 
-    def _open_fd(self, node: Node, flags: int) -> int:
+    def _open_fd(self, node: Node, flags: int, extra: int = 0) -> int:
         return os.open(
             node.name,
-            (flags & self._OPEN_KEEP) | os.O_NOFOLLOW | os.O_CLOEXEC,
+            (flags & self._OPEN_KEEP) | extra | os.O_NOFOLLOW | os.O_CLOEXEC,
             dir_fd=self.stack.dirfd(node.layer, node.dirpath()),
         )
 
@@ -395,9 +414,15 @@ class UnionOperations(pyfuse3.Operations):
         if flags & os.O_ACCMODE != os.O_RDONLY or truncate:
             # Truncation makes the lower data useless: copy up metadata only.
             await self._writable().copyup.copy_up(node, with_data=not truncate)
-            fd = self._open_fd(node, flags | (os.O_TRUNC if truncate else 0))
-            if truncate:
-                os.ftruncate(fd, 0)
+            # O_TRUNC goes to the real open: Linux truncates on O_RDONLY|O_TRUNC
+            # too, where an ftruncate of the read-only descriptor was EINVAL.
+            # The kernel has checked the caller's write permission (may_open).
+            fd = self._open_fd(node, flags, os.O_TRUNC if truncate else 0)
+        elif node.metacopy:  # metadata only in the upper: read the lower's data
+            assert node.parent is not None and node.parent.dir_layers is not None
+            fd = self.stack.open_metacopy_data(
+                node.dirpath(), node.name, node.parent.dir_layers, node.parent.xwh_layers, flags
+            )
         else:
             fd = self._open_fd(node, flags)
             _start_reading(fd)
@@ -621,7 +646,7 @@ class UnionOperations(pyfuse3.Operations):
         upper = self._writable()
         node = self.table[inode]
         to_zero = fields.update_size and attr.st_size == 0
-        await upper.copyup.copy_up(node, with_data=not to_zero)
+        await upper.copyup.copy_up(node, with_data=not to_zero, meta_only=not fields.update_size)
         handle = self._files.get(fh) if fh is not None else None
         ofd = self._object_fd(node)
         try:
@@ -693,6 +718,7 @@ class UnionOperations(pyfuse3.Operations):
         kernel asks for ``security.capability`` before writes: most objects
         have none, and this answers those from memory.
         """
+        stats.count("xattr_names", hit=node.xattrs is not None)
         if node.xattrs is None:
             layer, dirpath, fname = self._xattr_target(node)
             names = self.stack.listxattr(layer, dirpath, fname)
@@ -704,6 +730,8 @@ class UnionOperations(pyfuse3.Operations):
 
     @_guard
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if name == stats.XATTR and inode == pyfuse3.ROOT_INODE:
+            return self._stats_reply(ctx)
         if markers.is_private_xattr(name):
             raise OSError(errno.EOPNOTSUPP, "union-private xattr")
         node = self.table[inode]
@@ -737,7 +765,7 @@ class UnionOperations(pyfuse3.Operations):
             raise OSError(errno.EOPNOTSUPP, "union-private xattr")
         upper = self._writable()
         node = self.table[inode]
-        await upper.copyup.copy_up(node)
+        await upper.copyup.copy_up(node, meta_only=True)
         ofd = self._object_fd(node)
         try:
             change(b"/proc/self/fd/%d" % ofd)
@@ -788,6 +816,12 @@ class UnionOperations(pyfuse3.Operations):
         ):
             setattr(out, field, getattr(sv, field))
         return out
+
+    def _stats_reply(self, ctx: pyfuse3.RequestContext) -> bytes:
+        """The counters (``unionfs stats``), for the mounting user and root only."""
+        if ctx.uid not in (0, os.geteuid()):
+            raise OSError(errno.EACCES, "the stats of a mount are its owner's")
+        return stats.encode(self.stats())
 
     def stats(self) -> dict[str, int]:
         """Sizes of what the daemon holds (SIGUSR1 logs them)."""

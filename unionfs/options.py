@@ -88,7 +88,12 @@ class MountConfig:
     dircache: bool = True
     acl: bool = True
     volatile: bool = False
+    metacopy: bool = False
     spin_us: int = 30
+    #: Follow changes made to the lowers while mounted (unionfs/watch.py).
+    live: bool = False
+    #: Record the lower objects the upper replaces (unionfs/identity.py).
+    identities: bool = False
     kernel_flags: list[str] = field(default_factory=list)
     #: fuse-overlayfs' ownership options (see unionfs.ownership): id mappings
     #: CONTAINER:HOST:SIZE triples, squash targets, and ``xattr_permissions``
@@ -238,6 +243,10 @@ def build_config(
             cfg.acl = False
         elif flag == "volatile":
             cfg.volatile = True
+        elif flag == "live":
+            cfg.live = True
+        elif flag == "identities":
+            cfg.identities = True
         elif flag in ("debug",):
             cfg.debug = True
         elif flag == "default_permissions":
@@ -277,6 +286,10 @@ def build_config(
                     f"option spin_us= needs a whole number of us (0-1000000), not {value!r}", 2
                 )
             cfg.spin_us = int(value)
+        elif key == "metacopy":
+            if value not in ("on", "off"):
+                raise ConfigError(f"option metacopy= takes on or off, not {value!r}", 2)
+            cfg.metacopy = value == "on"
         elif key == "fsname":
             if not value:
                 raise ConfigError("option fsname= needs a value", 2)
@@ -321,6 +334,8 @@ def build_config(
         raise ConfigError("-o workdir= needs an upper directory", 2)
     if cfg.volatile and cfg.read_only:
         raise ConfigError("-o volatile needs a writable upper directory", 2)
+    if cfg.metacopy and cfg.read_only:
+        raise ConfigError("-o metacopy=on needs a writable upper directory", 2)
     return cfg
 
 
@@ -380,14 +395,24 @@ def volatile_marker(workdir: str) -> str:
     return os.path.join(workdir, "work", "incompat", "volatile")
 
 
-def check_paths(cfg: MountConfig, is_root: bool | None = None) -> None:
+def check_paths(
+    cfg: MountConfig, is_root: bool | None = None, upper_in_lower: bool = False
+) -> None:
     """Refuse every invocation that would deadlock, overlap or half-mount.
 
     Resolves every path to its real absolute form (in place) first, so later
-    steps compare and open exactly what was checked.
+    steps compare and open exactly what was checked.  ``upper_in_lower`` lets
+    a tool that hides the upper from the view itself (the sandbox keeps its
+    upper under $HOME and covers it inside its namespace) put it there.
     """
     if is_root is None:
         is_root = os.geteuid() == 0
+    if cfg.metacopy and not is_root:
+        raise ConfigError(
+            "-o metacopy=on needs a root mount: kernel overlayfs reads metacopy files only"
+            " with trusted.* xattrs, never in a rootless (userxattr) upper",
+            2,
+        )
 
     def real_dir(path: str, what: str) -> str:
         if not os.path.exists(path):
@@ -421,13 +446,13 @@ def check_paths(cfg: MountConfig, is_root: bool | None = None) -> None:
             )
     if cfg.upper is not None:
         for lower in cfg.lowers:
-            if _inside(cfg.upper, lower):
+            if _inside(cfg.upper, lower) and not upper_in_lower:
                 raise ConfigError(f"upper directory {cfg.upper!r} is inside lower {lower!r}")
             if _inside(lower, cfg.upper):
                 raise ConfigError(f"lower directory {lower!r} is inside upper {cfg.upper!r}")
         if not os.access(cfg.upper, os.W_OK | os.X_OK) and not cfg.read_only:
             raise ConfigError(f"upper directory {cfg.upper!r} is not writable")
-        _check_workdir(cfg, branches)
+        _check_workdir(cfg, [cfg.upper] if upper_in_lower else branches)
 
     if not cfg.nonempty:
         try:

@@ -1,0 +1,854 @@
+"""``unionfs apply UPPER TARGET``: an upper's changes applied onto a real directory.
+
+Also the library function the sandbox's commit is built on::
+
+    from unionfs.changes.apply import apply, undo
+    actions = apply(upper, lowers, target, select=..., conflict_check=..., dry_run=False)
+
+How it works:
+
+1. **Plan.**  The upper's changes (``scan``) become steps on TARGET paths:
+   ``remove`` (a deletion, or what an opaque directory hides), ``mkdir`` (a
+   directory the target lacks or has as a non-directory), ``put`` (a file,
+   symlink, device, fifo or socket, or a hard link to an earlier name),
+   ``dirmeta`` (a directory's mode, owner, xattrs, times; after its
+   children).  Every path is checked against TARGET first: a symlink where a
+   directory is needed, or a missing parent, is an error before anything is
+   changed.  ``select`` keeps some paths only (the directories they need come
+   along); ``conflict_check`` may skip or refuse a step.
+2. **Journal.**  The plan is written to the journal directory (by default
+   ``.TARGETNAME.unionfs-apply`` beside TARGET, on its filesystem) before the
+   first change, fsync'd.  Whatever a step replaces or removes is moved into
+   the journal's ``backup/`` (a hard link first for a file: the replacement
+   is one rename, atomic for readers).
+3. **Steps.**  Each object is built aside in its target directory
+   (``.#ufa-PLANID-N``), given owner, mode, xattrs and times, fsync'd, then
+   renamed into place.  Each step is idempotent: whether it happened is read
+   from the filesystem (the temporary name, the backup, the target), so after
+   a SIGKILL at any point a rerun resumes (automatically) and ``--undo``
+   restores everything from the backups.  A finished run drops its journal
+   (``keep_journal`` keeps it, so that ``undo`` still works).
+
+TARGET is reached only through directory descriptors opened one component at
+a time with ``O_NOFOLLOW``: a symlink inside TARGET never redirects a write
+outside it, and names from the journal are checked before use.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import errno
+import json
+import os
+import secrets
+import shutil
+import stat as stat_mod
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from .. import markers
+from ..syscalls import RENAME_NOREPLACE, renameat2
+from .scan import Change, Kind, ScanError, Scanner
+from .source import SourceError, resolve
+
+Path = tuple[bytes, ...]
+_DIR = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_PLAN = "plan.json"
+_DONE = "done"
+_BACKUP = "backup"
+_VERSION = 1
+
+
+class ApplyError(Exception):
+    """A plan that cannot be carried out safely, or a failed step: one line."""
+
+
+#: ``select(path) -> bool``: apply the change at ``path`` (components, bytes)?
+Select = Callable[[Path], bool]
+#: ``conflict_check(change, target_lstat_or_None) -> bool``: False skips the step;
+#: raising ApplyError aborts before anything is changed.
+ConflictCheck = Callable[[Change, os.stat_result | None], bool]
+
+
+@dataclass
+class Step:
+    """One idempotent action on one TARGET path (stored in the journal as JSON)."""
+
+    n: int
+    op: str  # remove | mkdir | put | dirmeta
+    path: list[str]  # components, os.fsdecode'd (surrogateescape round-trips)
+    kind: str = ""  # the change's A/C/D, for reports
+    had: str | None = None  # what TARGET had there when planned: dir | nondir | None
+    link: list[str] | None = None  # put: a hard link to this earlier TARGET path
+    meta: dict[str, Any] = field(default_factory=dict)  # mode uid gid mtime_ns xattrs
+    old: dict[str, Any] = field(default_factory=dict)  # dirmeta: TARGET's, for undo
+
+    @property
+    def bpath(self) -> Path:
+        return tuple(os.fsencode(c) for c in self.path)
+
+    def display(self) -> str:
+        return "/" + "/".join(self.path)
+
+
+@dataclass(frozen=True)
+class Action:
+    """What apply did (or would do) at one path; ``skipped`` says why not."""
+
+    path: str
+    op: str
+    kind: str
+    skipped: str | None = None
+
+
+# -- TARGET access -------------------------------------------------------------------
+
+
+def _check_name(name: bytes) -> bytes:
+    if not name or b"/" in name or name in (b".", b"..") or b"\0" in name:
+        raise ApplyError(f"refusing the name {name!r}: it would leave its directory")
+    return name
+
+
+class Tree:
+    """A directory reached only by descriptors, one component at a time, O_NOFOLLOW."""
+
+    def __init__(self, root: str) -> None:
+        self.root_fd = os.open(root, _DIR)
+        self._fds: dict[Path, int] = {}
+
+    def close(self) -> None:
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()
+        os.close(self.root_fd)
+
+    def dirfd(self, path: Path) -> int:
+        if not path:
+            return self.root_fd
+        fd = self._fds.get(path)
+        if fd is None:
+            parent = self.dirfd(path[:-1])
+            try:
+                fd = os.open(_check_name(path[-1]), _DIR, dir_fd=parent)
+            except OSError as e:
+                if e.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise ApplyError(
+                        f"{_show(path)}: not a directory in TARGET (a symlink?): refusing"
+                    ) from None
+                raise
+            self._fds[path] = fd
+        return fd
+
+    def forget(self, path: Path) -> None:
+        """Drop descriptors of ``path`` and below (it moved)."""
+        n = len(path)
+        for key in [k for k in self._fds if k[:n] == path]:
+            os.close(self._fds.pop(key))
+
+    def lstat(self, path: Path) -> os.stat_result | None:
+        try:
+            return os.stat(
+                _check_name(path[-1]), dir_fd=self.dirfd(path[:-1]), follow_symlinks=False
+            )
+        except FileNotFoundError:
+            return None
+
+
+def _show(path: Path) -> str:
+    return "/" + b"/".join(path).decode("utf-8", "backslashreplace")
+
+
+def _kind_of(st: os.stat_result | None) -> str | None:
+    if st is None:
+        return None
+    return "dir" if stat_mod.S_ISDIR(st.st_mode) else "nondir"
+
+
+def _meta(c: Change) -> dict[str, Any]:
+    st = c.st
+    assert st is not None
+    return {
+        "mode": stat_mod.S_IMODE(st.st_mode),
+        "uid": c.owner[0],
+        "gid": c.owner[1],
+        "atime_ns": st.st_atime_ns,
+        "mtime_ns": st.st_mtime_ns,
+        "xattrs": {k.hex(): v.hex() for k, v in c.xattrs.items()},
+    }
+
+
+def _xattrs_of(fd_path: bytes, follow: bool) -> dict[str, str]:
+    try:
+        names = os.listxattr(fd_path, follow_symlinks=follow)
+    except OSError:
+        return {}
+    out = {}
+    for n in names:
+        b = os.fsencode(n)
+        if markers.is_private_xattr(b):
+            continue
+        with contextlib.suppress(OSError):
+            out[b.hex()] = os.getxattr(fd_path, n, follow_symlinks=follow).hex()
+    return out
+
+
+# -- planning -------------------------------------------------------------------------
+
+
+def _selected_closure(changes: list[Change], select: Select | None) -> set[Path] | None:
+    """Paths kept by ``select``, plus every directory a kept path is inside."""
+    if select is None:
+        return None
+    keep: set[Path] = set()
+    for c in changes:
+        if select(c.path):
+            keep.add(c.path)
+            for i in range(len(c.path)):
+                keep.add(c.path[:i])
+    return keep
+
+
+def plan(
+    changes: list[Change],
+    tree: Tree,
+    select: Select | None = None,
+    conflict_check: ConflictCheck | None = None,
+) -> tuple[list[Step], list[Action]]:
+    """The steps that make TARGET show the upper's changes; checks every path first."""
+    keep = _selected_closure(changes, select)
+    steps: list[Step] = []
+    actions: list[Action] = []
+    #: Directories that will exist as real directories when their children run.
+    dirs_ok: set[Path] = {()}
+    #: Directories whose dirmeta runs once their subtree is done (a stack).
+    open_dirs: list[tuple[Path, Step | None]] = []
+    removed: set[Path] = set()
+    #: Non-directories this plan writes: the names a later hard link may point at.
+    put_paths: set[Path] = set()
+
+    def add(step: Step) -> None:
+        step.n = len(steps)
+        steps.append(step)
+        actions.append(Action(step.display(), step.op, step.kind))
+
+    def close_dirs(upto: Path) -> None:
+        while open_dirs and open_dirs[-1][0] != upto[: len(open_dirs[-1][0])]:
+            _, meta_step = open_dirs.pop()
+            if meta_step is not None:
+                add(meta_step)
+
+    for c in changes:
+        close_dirs(c.path)
+        parent = c.path[:-1]
+        if any(parent[:i] in removed for i in range(len(parent) + 1)):
+            continue  # inside something this plan removes
+        wanted = keep is None or c.path in keep
+        fully = keep is None or (select is not None and select(c.path))
+        if not wanted:
+            continue
+        if parent not in dirs_ok:
+            raise ApplyError(f"{_show(parent)}: TARGET has no directory there")
+        tst = tree.lstat(c.path)
+        spath = [os.fsdecode(x) for x in c.path]
+        if conflict_check is not None and fully and not conflict_check(c, tst):
+            actions.append(Action(_show(c.path), "skip", c.kind.value, "conflict"))
+            if c.is_dir and _kind_of(tst) == "dir":
+                dirs_ok.add(c.path)
+            else:
+                removed.add(c.path)  # its subtree is left alone too
+            continue
+        if c.kind is Kind.DELETED:
+            if tst is not None:
+                add(Step(0, "remove", spath, "D", _kind_of(tst)))
+                removed.add(c.path)
+            continue
+        if c.is_dir:
+            had = _kind_of(tst)
+            meta = _meta(c)
+            dirmeta = None
+            if had != "dir":
+                add(Step(0, "mkdir", spath, c.kind.value, had, meta=meta))
+            if had != "dir" or (fully and c.kind is not Kind.SAME):
+                old: dict[str, Any] = {}
+                if had == "dir":
+                    assert tst is not None
+                    fd = tree.dirfd(c.path)
+                    old = {
+                        "mode": stat_mod.S_IMODE(tst.st_mode),
+                        "uid": tst.st_uid,
+                        "gid": tst.st_gid,
+                        "atime_ns": tst.st_atime_ns,
+                        "mtime_ns": tst.st_mtime_ns,
+                        "xattrs": _xattrs_of(b"/proc/self/fd/%d" % fd, True),
+                    }
+                dirmeta = Step(0, "dirmeta", spath, c.kind.value, had, meta=meta, old=old)
+            dirs_ok.add(c.path)
+            open_dirs.append((c.path, dirmeta))
+            continue
+        if c.kind is Kind.SAME or not fully:
+            continue
+        link = None if c.link is None else [os.fsdecode(x) for x in c.link]
+        if c.link is not None and c.link not in put_paths:
+            link = None  # its first name is not applied (not selected, or refused): a copy
+        put_paths.add(c.path)
+        add(Step(0, "put", spath, c.kind.value, _kind_of(tst), link=link, meta=_meta(c)))
+        if _kind_of(tst) == "dir":
+            removed.add(c.path)  # its old subtree goes to the backup as a whole
+    close_dirs(())
+    return steps, actions
+
+
+# -- executing ------------------------------------------------------------------------
+
+
+class _Run:
+    """Carries out (or undoes) a journaled plan; every step is idempotent."""
+
+    def __init__(
+        self,
+        upper: str,
+        tree: Tree,
+        journal: str,
+        plan_id: str,
+        durable: bool,
+        warn: Callable[[str], None],
+    ) -> None:
+        self._upper_path = upper
+        self._upper: Tree | None = None
+        self.tree = tree
+        self.journal = journal
+        self.plan_id = plan_id
+        self.durable = durable
+        self.warn = warn
+        self.backup_fd = os.open(os.path.join(journal, _BACKUP), _DIR)
+        self._warned: set[str] = set()
+
+    @property
+    def upper(self) -> Tree:
+        """The upper, opened on first use (undo needs it not)."""
+        if self._upper is None:
+            self._upper = Tree(self._upper_path)
+        return self._upper
+
+    def close(self) -> None:
+        if self._upper is not None:
+            self._upper.close()
+        os.close(self.backup_fd)
+
+    def _tmp(self, step: Step) -> bytes:
+        return b".#ufa-%s-%d" % (self.plan_id.encode(), step.n)
+
+    def _bak(self, step: Step) -> bytes:
+        return b"%d" % step.n
+
+    def _exists(self, dir_fd: int, name: bytes) -> bool:
+        try:
+            os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        return True
+
+    def _discard(self, dir_fd: int, name: bytes) -> None:
+        """Remove a leftover temporary object (a whole tree for a directory)."""
+        try:
+            st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        if stat_mod.S_ISDIR(st.st_mode):
+            fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=dir_fd)
+            try:
+                shutil.rmtree(b"/proc/self/fd/%d" % fd)
+            except OSError:
+                pass
+            finally:
+                os.close(fd)
+            with contextlib.suppress(FileNotFoundError):
+                os.rmdir(name, dir_fd=dir_fd)
+        else:
+            os.unlink(name, dir_fd=dir_fd)
+
+    def committed(self, step: Step) -> bool:
+        """Has this step's effect reached TARGET? (Read from the filesystem alone.)"""
+        path = step.bpath
+        pfd = self.tree.dirfd(path[:-1])
+        if step.op == "dirmeta":
+            return False  # always safe to (re)apply
+        if step.op == "remove":
+            return not self._exists(pfd, path[-1])
+        if self._exists(pfd, self._tmp(step)):
+            return False
+        if step.had is None:
+            return self._exists(pfd, path[-1])
+        return self._exists(self.backup_fd, self._bak(step))
+
+    # -- do ----------------------------------------------------------------------------
+
+    def do(self, step: Step) -> None:
+        path = step.bpath
+        if step.op == "dirmeta":
+            self._set_meta_path(path, step.meta, is_dir=True)
+            return
+        if self.committed(step):
+            return
+        pfd = self.tree.dirfd(path[:-1])
+        name = path[-1]
+        if step.op == "remove":
+            self._to_backup(step, pfd, name)
+            return
+        tmp = self._tmp(step)
+        self._discard(pfd, tmp)
+        if step.op == "mkdir":
+            os.mkdir(tmp, 0o700, dir_fd=pfd)
+            # Writable by us until its dirmeta step, which sets the exact mode last.
+            meta = dict(step.meta, mode=step.meta["mode"] | 0o700)
+            self._set_meta(pfd, tmp, meta, is_dir=True, times=False)
+        else:
+            self._build(step, pfd, tmp)
+        if step.had == "nondir" and step.op == "put":
+            # The old file stays reachable from the backup; the swap is one rename.
+            if not self._exists(self.backup_fd, self._bak(step)):
+                os.link(
+                    name,
+                    self._bak(step),
+                    src_dir_fd=pfd,
+                    dst_dir_fd=self.backup_fd,
+                    follow_symlinks=False,
+                )
+            os.rename(tmp, name, src_dir_fd=pfd, dst_dir_fd=pfd)
+        else:
+            if step.had is not None and self._exists(pfd, name):
+                self._to_backup(step, pfd, name)
+            renameat2(pfd, tmp, pfd, name, RENAME_NOREPLACE)
+        if step.op == "mkdir" or step.had == "dir":
+            self.tree.forget(path)
+
+    def _to_backup(self, step: Step, pfd: int, name: bytes) -> None:
+        if self._exists(self.backup_fd, self._bak(step)):
+            raise ApplyError(f"{step.display()}: both the object and its backup exist")
+        renameat2(pfd, name, self.backup_fd, self._bak(step), RENAME_NOREPLACE)
+        self.tree.forget(step.bpath)
+
+    def _build(self, step: Step, pfd: int, tmp: bytes) -> None:
+        """Make the new object aside, complete with its metadata, fsync'd."""
+        path = step.bpath
+        if step.link is not None:
+            first = tuple(os.fsencode(x) for x in step.link)
+            os.link(
+                _check_name(first[-1]),
+                tmp,
+                src_dir_fd=self.tree.dirfd(first[:-1]),
+                dst_dir_fd=pfd,
+                follow_symlinks=False,
+            )
+            return
+        ufd = self.upper.dirfd(path[:-1])
+        st = os.stat(path[-1], dir_fd=ufd, follow_symlinks=False)
+        mode = st.st_mode
+        if stat_mod.S_ISREG(mode):
+            src = os.open(path[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=ufd)
+            try:
+                dst = os.open(
+                    tmp,
+                    os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    0o600,
+                    dir_fd=pfd,
+                )
+                try:
+                    _copy(src, dst)
+                    if self.durable:
+                        os.fsync(dst)
+                finally:
+                    os.close(dst)
+            finally:
+                os.close(src)
+        elif stat_mod.S_ISLNK(mode):
+            os.symlink(os.readlink(path[-1], dir_fd=ufd), tmp, dir_fd=pfd)
+        else:
+            os.mknod(tmp, mode, st.st_rdev, dir_fd=pfd)
+        self._set_meta(pfd, tmp, step.meta, is_dir=False, symlink=stat_mod.S_ISLNK(mode))
+
+    def _set_meta_path(self, path: Path, meta: dict[str, Any], is_dir: bool) -> None:
+        if not path:
+            return
+        self._set_meta(self.tree.dirfd(path[:-1]), path[-1], meta, is_dir=is_dir)
+
+    def _set_meta(
+        self,
+        pfd: int,
+        name: bytes,
+        meta: dict[str, Any],
+        is_dir: bool,
+        times: bool = True,
+        symlink: bool = False,
+    ) -> None:
+        """Owner first (it clears set-id bits), then mode, xattrs, times."""
+        try:
+            os.chown(name, meta["uid"], meta["gid"], dir_fd=pfd, follow_symlinks=False)
+        except PermissionError:
+            self._warn_once("owner", "owners not set (not permitted): files keep yours")
+        path = b"/proc/self/fd/%d/%s" % (pfd, name)
+        if not symlink:
+            os.chmod(name, meta["mode"], dir_fd=pfd)
+            want = {bytes.fromhex(k): bytes.fromhex(v) for k, v in meta["xattrs"].items()}
+            have = {bytes.fromhex(k) for k in _xattrs_of(path, False)}
+            for x in have - want.keys():
+                with contextlib.suppress(OSError):
+                    os.removexattr(path, x, follow_symlinks=False)
+            for x, v in want.items():
+                try:
+                    os.setxattr(path, x, v, follow_symlinks=False)
+                except OSError as e:
+                    if e.errno not in (errno.EPERM, errno.EACCES, errno.ENOTSUP, errno.EOPNOTSUPP):
+                        raise
+                    self._warn_once(
+                        f"x{x!r}", f"xattr {x.decode(errors='replace')} not set: {e.strerror}"
+                    )
+        if times:
+            os.utime(
+                name, ns=(meta["atime_ns"], meta["mtime_ns"]), dir_fd=pfd, follow_symlinks=False
+            )
+
+    def _warn_once(self, key: str, msg: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            self.warn(msg)
+
+    # -- undo -------------------------------------------------------------------------
+
+    def undo(self, step: Step) -> None:
+        path = step.bpath
+        try:
+            pfd = self.tree.dirfd(path[:-1])
+        except (FileNotFoundError, ApplyError):
+            return  # its parent never came to be
+        name = path[-1]
+        if step.op == "dirmeta":
+            if step.old:
+                self._set_meta(pfd, name, step.old, is_dir=True)
+            return
+        tmp = self._tmp(step)
+        bak = self._bak(step)
+        has_bak = self._exists(self.backup_fd, bak)
+        if step.op == "remove":
+            if has_bak:
+                renameat2(self.backup_fd, bak, pfd, name, RENAME_NOREPLACE)
+            return
+        if self._exists(pfd, tmp):
+            self._discard(pfd, tmp)
+            if step.had is None or not has_bak:
+                return  # not committed
+        if step.had is None:
+            if self._exists(pfd, name):
+                self._remove_new(pfd, name, step.op)
+        elif has_bak:
+            if step.had == "nondir" and step.op == "put":
+                os.rename(bak, name, src_dir_fd=self.backup_fd, dst_dir_fd=pfd)
+            else:
+                if self._exists(pfd, name):
+                    self._remove_new(pfd, name, step.op)
+                renameat2(self.backup_fd, bak, pfd, name, RENAME_NOREPLACE)
+        self.tree.forget(path)
+
+    def _remove_new(self, pfd: int, name: bytes, op: str) -> None:
+        if op == "mkdir":
+            try:
+                os.rmdir(name, dir_fd=pfd)
+            except OSError as e:
+                raise ApplyError(f"cannot undo: {e.strerror}") from None
+        else:
+            os.unlink(name, dir_fd=pfd)
+
+
+def _copy(src: int, dst: int) -> None:
+    """Copy a whole file between descriptors, in the kernel when it can."""
+    while True:
+        try:
+            n = os.copy_file_range(src, dst, 1 << 30)
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            break
+        if n == 0:
+            return
+    while chunk := os.read(src, 1 << 20):
+        os.write(dst, chunk)
+
+
+# -- the journal ---------------------------------------------------------------------
+
+
+def default_journal(target: str) -> str:
+    """``.TARGETNAME.unionfs-apply`` beside TARGET (on its filesystem, outside it)."""
+    target = os.path.abspath(target).rstrip("/") or "/"
+    parent, base = os.path.split(target)
+    return os.path.join(parent, f".{base}.unionfs-apply")
+
+
+def _write_atomic(dir_path: str, name: str, data: bytes) -> None:
+    tmp = os.path.join(dir_path, f".{name}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.rename(tmp, os.path.join(dir_path, name))
+    dfd = os.open(dir_path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def _load_plan(journal: str) -> tuple[dict[str, Any], list[Step], set[int]]:
+    try:
+        with open(os.path.join(journal, _PLAN), "rb") as f:
+            doc = json.loads(f.read())
+        steps = [Step(**s) for s in doc["steps"]]
+        if doc.get("version") != _VERSION:
+            raise ValueError("version")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ApplyError(f"{journal}: not a usable apply journal ({e})") from None
+    for s in steps:
+        for comp in [*s.path, *(s.link or [])]:
+            _check_name(os.fsencode(comp))
+        if s.op not in ("remove", "mkdir", "put", "dirmeta"):
+            raise ApplyError(f"{journal}: unknown step {s.op!r}")
+    done: set[int] = set()
+    with contextlib.suppress(FileNotFoundError), open(os.path.join(journal, _DONE)) as f:
+        done = {int(x) for x in f.read().split() if x.isdigit()}
+    return doc, steps, done
+
+
+def _clear_stale_journal(journal: str) -> None:
+    """Remove what a run killed before its plan was written leaves; refuse anything else."""
+    try:
+        names = set(os.listdir(journal))
+    except FileNotFoundError:
+        return
+    backup = os.path.join(journal, _BACKUP)
+    if not names <= {_BACKUP, f".{_PLAN}.tmp"} or (_BACKUP in names and os.listdir(backup)):
+        raise ApplyError(f"{journal}: exists and is not an apply journal: remove it")
+    shutil.rmtree(journal)
+
+
+def _journal_checks(journal: str, target: str) -> None:
+    parent = os.path.dirname(os.path.abspath(journal))
+    if os.stat(parent).st_dev != os.stat(target).st_dev:
+        raise ApplyError(
+            f"journal {journal} is not on TARGET's filesystem: give --journal DIR on it"
+        )
+
+
+def _execute(
+    doc: dict[str, Any],
+    steps: list[Step],
+    done: set[int],
+    journal: str,
+    tree: Tree,
+    durable: bool,
+    warn: Callable[[str], None],
+    progress: Callable[[int, int], None] | None,
+) -> None:
+    run = _Run(doc["upper"], tree, journal, doc["plan_id"], durable, warn)
+    log = os.open(os.path.join(journal, _DONE), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    try:
+        for step in steps:
+            if step.n in done:
+                continue
+            try:
+                run.do(step)
+            except OSError as e:
+                raise ApplyError(
+                    f"{step.display()}: {step.op}: {e.strerror} (rerun to resume, or --undo)"
+                ) from None
+            os.write(log, b"%d\n" % step.n)
+            if progress is not None:
+                progress(step.n + 1, len(steps))
+        if not durable:
+            from ..syscalls import syncfs
+
+            fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY, dir_fd=tree.root_fd)
+            try:
+                syncfs(fd)
+            finally:
+                os.close(fd)
+        os.fsync(log)
+    finally:
+        os.close(log)
+        run.close()
+
+
+def apply(
+    upper: str,
+    lowers: Iterable[str],
+    target: str,
+    *,
+    select: Select | None = None,
+    conflict_check: ConflictCheck | None = None,
+    journal_dir: str | None = None,
+    dry_run: bool = False,
+    durable: bool = True,
+    keep_journal: bool = False,
+    warn: Callable[[str], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> list[Action]:
+    """Make TARGET show ``upper``'s changes over ``lowers``; returns what was (to be) done.
+
+    A journal left by an interrupted run for the same upper and TARGET is
+    resumed first (its plan, not a new one).  Raises ApplyError (nothing
+    changed when raised during planning) and ScanError for a corrupt upper.
+    """
+    warn = warn or (lambda _m: None)
+    journal = journal_dir or default_journal(target)
+    target = os.path.realpath(target)
+    upper = os.path.realpath(upper)
+    if not os.path.isdir(target):
+        raise ApplyError(f"{target}: not a directory")
+    if os.path.exists(os.path.join(journal, _PLAN)):
+        doc, steps, done = _load_plan(journal)
+        if doc["target"] != target or doc["upper"] != upper:
+            raise ApplyError(
+                f"{journal}: an unfinished apply of {doc['upper']} onto "
+                f"{doc['target']}: resume or undo that first"
+            )
+        if dry_run:
+            return [Action(s.display(), s.op, s.kind, "resume") for s in steps if s.n not in done]
+        tree = Tree(target)
+        try:
+            _execute(doc, steps, done, journal, tree, durable, warn, progress)
+        finally:
+            tree.close()
+        if not keep_journal:
+            shutil.rmtree(journal)
+        return [Action(s.display(), s.op, s.kind) for s in steps]
+    with Scanner(upper, list(lowers)) as scanner:
+        changes = list(scanner.changes())
+        for w in scanner.warnings:
+            warn(w)
+    tree = Tree(target)
+    try:
+        steps, actions = plan(changes, tree, select, conflict_check)
+        if dry_run:
+            return actions
+        _clear_stale_journal(journal)
+        os.makedirs(os.path.join(journal, _BACKUP), mode=0o700, exist_ok=True)
+        _journal_checks(journal, target)
+        doc = {
+            "version": _VERSION,
+            "upper": upper,
+            "target": target,
+            "plan_id": secrets.token_hex(4),
+            "steps": [dict(vars(s)) for s in steps],
+        }
+        _write_atomic(journal, _PLAN, json.dumps(doc).encode())
+        _execute(doc, steps, set(), journal, tree, durable, warn, progress)
+    finally:
+        tree.close()
+    if not keep_journal:
+        shutil.rmtree(journal)
+    return actions
+
+
+def undo(target: str, journal_dir: str | None = None) -> int:
+    """Roll back an interrupted (or kept) apply from its journal; returns steps undone."""
+    journal = journal_dir or default_journal(target)
+    if not os.path.exists(os.path.join(journal, _PLAN)):
+        raise ApplyError(f"{journal}: no apply journal to undo")
+    doc, steps, _done = _load_plan(journal)
+    if doc["target"] != os.path.realpath(target):
+        raise ApplyError(f"{journal}: the journal is for {doc['target']}")
+    tree = Tree(doc["target"])
+    run = _Run(doc["upper"], tree, journal, doc["plan_id"], True, lambda _m: None)
+    try:
+        for step in reversed(steps):
+            try:
+                run.undo(step)
+            except OSError as e:
+                raise ApplyError(f"{step.display()}: undo {step.op}: {e.strerror}") from None
+        for step in steps:  # children changed the directories' times again
+            if step.op == "dirmeta" and step.old:
+                with contextlib.suppress(OSError, ApplyError):
+                    run.undo(step)
+    finally:
+        run.close()
+        tree.close()
+    shutil.rmtree(journal)
+    return len(steps)
+
+
+# -- the command ---------------------------------------------------------------------
+
+
+def main(prog: str, argv: list[str]) -> int:
+    from .diff import add_source_args
+
+    parser = argparse.ArgumentParser(
+        prog=prog, description="Apply an upper's changes onto a real directory, journaled."
+    )
+    add_source_args(parser)
+    parser.add_argument("target", metavar="TARGET")
+    parser.add_argument("--dry-run", "-n", action="store_true", help="print the plan only")
+    parser.add_argument("--undo", action="store_true", help="roll back an interrupted apply")
+    parser.add_argument(
+        "--resume", action="store_true", help="resume an interrupted apply (also automatic)"
+    )
+    parser.add_argument("--journal", help="journal dir (default: .TARGET.unionfs-apply beside)")
+    parser.add_argument("--keep-journal", action="store_true", help="keep it, for a later --undo")
+    parser.add_argument(
+        "--no-sync", action="store_true", help="one syncfs at the end instead of an fsync per file"
+    )
+    parser.add_argument("--json", action="store_true", help="print the actions as JSON")
+    args = parser.parse_args(argv)
+
+    def warn(msg: str) -> None:
+        print(f"{prog}: warning: {msg}", file=sys.stderr)
+
+    progress = None
+    if sys.stderr.isatty():
+
+        def progress(i: int, n: int) -> None:
+            if i == n or i % 500 == 0:
+                print(f"\r{prog}: {i}/{n}", end="\n" if i == n else "", file=sys.stderr)
+
+    try:
+        if args.undo:
+            n = undo(args.target, args.journal)
+            print(f"{prog}: undone ({n} steps)", file=sys.stderr)
+            return 0
+        journal = args.journal or default_journal(args.target)
+        if args.resume or os.path.exists(os.path.join(journal, _PLAN)):
+            doc, _steps, _done = _load_plan(journal)
+            upper, lowers = doc["upper"], ()
+        else:
+            src = resolve(args.upper, args.lower, args.workdir)
+            upper, lowers = src.upper, src.lowers
+        actions = apply(
+            upper,
+            lowers,
+            args.target,
+            journal_dir=args.journal,
+            dry_run=args.dry_run,
+            durable=not args.no_sync,
+            keep_journal=args.keep_journal,
+            warn=warn,
+            progress=progress,
+        )
+    except (SourceError, ScanError, ApplyError) as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"{prog}: {os.fsdecode(e.filename or '')}: {e.strerror}", file=sys.stderr)
+        return 1
+    if args.json:
+        json.dump([asdict(a) for a in actions], sys.stdout, indent=1)
+        print()
+    else:
+        verb = "would " if args.dry_run else ""
+        for a in actions:
+            print(
+                f"{a.kind or ' '} {verb}{a.op} {a.path}" + (f" ({a.skipped})" if a.skipped else "")
+            )
+    return 0

@@ -387,7 +387,6 @@ class Store:
         with self._lock(exclusive=False):
             tmp = tempfile.mkdtemp(prefix="add-", dir=self._p("tmp"))
             try:
-                blob = layout.LayerBlob("", diff_id or "", None, None)
                 os.mkdir(os.path.join(tmp, "diff"), 0o755)
                 root_fd = os.open(os.path.join(tmp, "diff"), os.O_PATH | os.O_DIRECTORY)
                 try:
@@ -401,7 +400,6 @@ class Store:
                 finally:
                     os.close(root_fd)
                 got = tarred.digest()
-                blob.diff_id = got
                 if self.has_layer(got):
                     return got
                 info = {"diff_id": got, "size": stats.bytes, "entries": stats.entries}
@@ -414,8 +412,12 @@ class Store:
                 final = os.path.dirname(self.layer_dir(got))
                 os.makedirs(os.path.dirname(final), exist_ok=True)
                 os.chmod(tmp, 0o755 & ~_umask())
-                with contextlib.suppress(FileExistsError, OSError):
+                try:
                     os.rename(tmp, final)
+                except OSError as e:
+                    if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                        raise
+                    # Another writer committed the same layer meanwhile: theirs stays.
                 return got
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)

@@ -198,7 +198,7 @@ class Daemon:
                 ):
                     log.warning("cannot write kernel-format markers here: writing OCI .wh. files")
                     writer.fmt = "oci"
-                stackinfo.record_mount(cfg.workdir, cfg.lowers, cfg.upper, writer.fmt, ns)
+                stackinfo.record_mount(cfg, writer.fmt, ns)
                 upper = Upper(self.stack, table, self.copyup, writer)
             self.ops = UnionOperations(self.stack, table, cfg, upper)
             # Before init: pyfuse3 before 3.5 makes its read lock there.

@@ -17,6 +17,10 @@ import contextlib
 import json
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .options import MountConfig
 
 #: The file's name inside the work directory.
 STACK_FILE = "stack.json"
@@ -73,8 +77,11 @@ class StackInfo:
         return cls(tuple(lowers), upper, whiteout, xattr_ns)
 
 
-def record(workdir: str, info: StackInfo) -> None:
-    """Write ``info`` as ``<workdir>/stack.json``, atomically and durably."""
+def record(workdir: str, info: StackInfo, durable: bool = True) -> None:
+    """Write ``info`` as ``<workdir>/stack.json``, atomically (and durably unless told not).
+
+    ``durable=False`` is for ``-o volatile`` mounts, which make no sync at all.
+    """
     data = info.to_json()
     dfd = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -87,7 +94,8 @@ def record(workdir: str, info: StackInfo) -> None:
         )
         try:
             os.write(fd, data)
-            os.fsync(fd)
+            if durable:
+                os.fsync(fd)
         finally:
             os.close(fd)
         try:
@@ -96,16 +104,22 @@ def record(workdir: str, info: StackInfo) -> None:
             with contextlib.suppress(OSError):
                 os.unlink(tmp, dir_fd=dfd)
             raise
-        os.fsync(dfd)
+        if durable:
+            os.fsync(dfd)
     finally:
         os.close(dfd)
 
 
-def record_mount(workdir: str, lowers: list[str], upper: str, whiteout: str, ns: bytes) -> None:
-    """The one call a mount makes (unionfs/cli.py): record what it is about to serve."""
-    record(
-        workdir, StackInfo(tuple(os.path.abspath(p) for p in lowers), upper, whiteout, ns.decode())
-    )
+def record_mount(cfg: MountConfig, whiteout: str, ns: bytes) -> None:
+    """The one call a mount makes (unionfs/cli.py): record what it is about to serve.
+
+    ``whiteout`` is the format the mount writes (after its probe), ``ns`` its
+    xattr namespace.  A ``-o volatile`` mount records without syncing.
+    """
+    assert cfg.workdir is not None and cfg.upper is not None
+    lowers = tuple(os.path.abspath(p) for p in cfg.lowers)
+    info = StackInfo(lowers, os.path.abspath(cfg.upper), whiteout, ns.decode())
+    record(cfg.workdir, info, durable=not cfg.volatile)
 
 
 def read(workdir: str) -> StackInfo | None:

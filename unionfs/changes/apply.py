@@ -227,6 +227,8 @@ def plan(
     #: Directories whose dirmeta runs once their subtree is done (a stack).
     open_dirs: list[tuple[Path, Step | None]] = []
     removed: set[Path] = set()
+    #: Non-directories this plan writes: the names a later hard link may point at.
+    put_paths: set[Path] = set()
 
     def add(step: Step) -> None:
         step.n = len(steps)
@@ -290,6 +292,9 @@ def plan(
         if c.kind is Kind.SAME or not fully:
             continue
         link = None if c.link is None else [os.fsdecode(x) for x in c.link]
+        if c.link is not None and c.link not in put_paths:
+            link = None  # its first name is not applied (not selected, or refused): a copy
+        put_paths.add(c.path)
         add(Step(0, "put", spath, c.kind.value, _kind_of(tst), link=link, meta=_meta(c)))
         if _kind_of(tst) == "dir":
             removed.add(c.path)  # its old subtree goes to the backup as a whole
@@ -382,12 +387,13 @@ class _Run:
 
     # -- do ----------------------------------------------------------------------------
 
-    def do(self, step: Step) -> None:
+    def do(self, step: Step, fresh: bool = False) -> None:
+        """Carry out one step; ``fresh``: this run made the plan, nothing of it exists yet."""
         path = step.bpath
         if step.op == "dirmeta":
             self._set_meta_path(path, step.meta, is_dir=True)
             return
-        if self.committed(step):
+        if not fresh and self.committed(step):
             return
         pfd = self.tree.dirfd(path[:-1])
         name = path[-1]
@@ -395,7 +401,8 @@ class _Run:
             self._to_backup(step, pfd, name)
             return
         tmp = self._tmp(step)
-        self._discard(pfd, tmp)
+        if not fresh:
+            self._discard(pfd, tmp)
         if step.op == "mkdir":
             os.mkdir(tmp, 0o700, dir_fd=pfd)
             # Writable by us until its dirmeta step, which sets the exact mode last.
@@ -405,7 +412,7 @@ class _Run:
             self._build(step, pfd, tmp)
         if step.had == "nondir" and step.op == "put":
             # The old file stays reachable from the backup; the swap is one rename.
-            if not self._exists(self.backup_fd, self._bak(step)):
+            if fresh or not self._exists(self.backup_fd, self._bak(step)):
                 os.link(
                     name,
                     self._bak(step),
@@ -415,10 +422,11 @@ class _Run:
                 )
             os.rename(tmp, name, src_dir_fd=pfd, dst_dir_fd=pfd)
         else:
-            if step.had is not None and self._exists(pfd, name):
+            if step.had is not None and (fresh or self._exists(pfd, name)):
                 self._to_backup(step, pfd, name)
             renameat2(pfd, tmp, pfd, name, RENAME_NOREPLACE)
-        self.tree.forget(path)
+        if step.op == "mkdir" or step.had == "dir":
+            self.tree.forget(path)
 
     def _to_backup(self, step: Step, pfd: int, name: bytes) -> None:
         if self._exists(self.backup_fd, self._bak(step)):
@@ -616,6 +624,18 @@ def _load_plan(journal: str) -> tuple[dict[str, Any], list[Step], set[int]]:
     return doc, steps, done
 
 
+def _clear_stale_journal(journal: str) -> None:
+    """Remove what a run killed before its plan was written leaves; refuse anything else."""
+    try:
+        names = set(os.listdir(journal))
+    except FileNotFoundError:
+        return
+    backup = os.path.join(journal, _BACKUP)
+    if not names <= {_BACKUP, f".{_PLAN}.tmp"} or (_BACKUP in names and os.listdir(backup)):
+        raise ApplyError(f"{journal}: exists and is not an apply journal: remove it")
+    shutil.rmtree(journal)
+
+
 def _journal_checks(journal: str, target: str) -> None:
     parent = os.path.dirname(os.path.abspath(journal))
     if os.stat(parent).st_dev != os.stat(target).st_dev:
@@ -627,7 +647,7 @@ def _journal_checks(journal: str, target: str) -> None:
 def _execute(
     doc: dict[str, Any],
     steps: list[Step],
-    done: set[int],
+    done: set[int] | None,
     journal: str,
     tree: Tree,
     durable: bool,
@@ -635,13 +655,16 @@ def _execute(
     progress: Callable[[int, int], None] | None,
 ) -> None:
     run = _Run(doc["upper"], tree, journal, doc["plan_id"], durable, warn)
+    #: None: this run made the plan, so no step can have happened (no inference needed).
+    fresh = done is None
+    done = done or set()
     log = os.open(os.path.join(journal, _DONE), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
     try:
         for step in steps:
             if step.n in done:
                 continue
             try:
-                run.do(step)
+                run.do(step, fresh=fresh)
             except OSError as e:
                 raise ApplyError(
                     f"{step.display()}: {step.op}: {e.strerror} (rerun to resume, or --undo)"
@@ -649,14 +672,6 @@ def _execute(
             os.write(log, b"%d\n" % step.n)
             if progress is not None:
                 progress(step.n + 1, len(steps))
-        if not durable:
-            from ..syscalls import syncfs
-
-            fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY, dir_fd=tree.root_fd)
-            try:
-                syncfs(fd)
-            finally:
-                os.close(fd)
         os.fsync(log)
     finally:
         os.close(log)
@@ -715,19 +730,18 @@ def apply(
         steps, actions = plan(changes, tree, select, conflict_check)
         if dry_run:
             return actions
-        if os.path.exists(journal) and os.listdir(journal):
-            raise ApplyError(f"{journal}: exists and is not an apply journal: remove it")
-        os.makedirs(os.path.join(journal, _BACKUP), mode=0o700, exist_ok=True)
+        _clear_stale_journal(journal)
         _journal_checks(journal, target)
+        os.makedirs(os.path.join(journal, _BACKUP), mode=0o700, exist_ok=True)
         doc = {
             "version": _VERSION,
             "upper": upper,
             "target": target,
             "plan_id": secrets.token_hex(4),
-            "steps": [asdict(s) for s in steps],
+            "steps": [dict(vars(s)) for s in steps],
         }
         _write_atomic(journal, _PLAN, json.dumps(doc).encode())
-        _execute(doc, steps, set(), journal, tree, durable, warn, progress)
+        _execute(doc, steps, None, journal, tree, durable, warn, progress)
     finally:
         tree.close()
     if not keep_journal:
@@ -781,7 +795,9 @@ def main(prog: str, argv: list[str]) -> int:
     parser.add_argument("--journal", help="journal dir (default: .TARGET.unionfs-apply beside)")
     parser.add_argument("--keep-journal", action="store_true", help="keep it, for a later --undo")
     parser.add_argument(
-        "--no-sync", action="store_true", help="one syncfs at the end instead of an fsync per file"
+        "--no-sync",
+        action="store_true",
+        help="no fsync (as -o volatile): survives a kill, not a crash",
     )
     parser.add_argument("--json", action="store_true", help="print the actions as JSON")
     args = parser.parse_args(argv)

@@ -183,8 +183,9 @@ class _Dir:
 class Scanner:
     """Reads one upper against one lower stack; ``changes()`` gives the stream.
 
-    ``origin_ns`` is the namespace of the mount's own xattrs (``trusted.`` or
-    ``user.``); both are read when it is None.
+    The lowers are opened once (a ``LayerStack`` without upper); the upper is
+    opened by ``changes()``.  ``warnings`` collects what a caller should tell
+    the user (hard-linked lower names not linked up yet).
     """
 
     def __init__(self, upper: str, lowers: list[str] | tuple[str, ...]) -> None:

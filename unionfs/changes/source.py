@@ -115,12 +115,23 @@ def _daemon_config(mnt: str) -> Source | None:
 
 
 def _split_mount_argv(argv: list[str]) -> tuple[list[str], list[str]]:
-    """The positional paths and ``-o`` words of a ``unionfs-mount`` command line."""
-    args = argv[1:]
-    while args and not args[0].startswith("-") and "unionfs" in args[0]:
-        args = args[1:]  # python -m unionfs.cli, or the script path after the interpreter
-    if args[:1] == ["-m"]:
-        args = args[2:]
+    """The positional paths and ``-o`` words of a ``unionfs-mount`` command line.
+
+    The program is ``unionfs-mount``, ``unionfs mount`` or ``python -m
+    unionfs.cli``, maybe after an interpreter; an empty result for anything else.
+    """
+    start = None
+    for i, a in enumerate(argv[:4]):
+        base = os.path.basename(a)
+        if base == "unionfs-mount" or (a == "unionfs.cli" and i > 0 and argv[i - 1] == "-m"):
+            start = i + 1
+            break
+        if base == "unionfs" and argv[i + 1 : i + 2] == ["mount"]:
+            start = i + 2
+            break
+    if start is None:
+        return [], []
+    args = argv[start:]
     paths, opts = [], []
     i = 0
     while i < len(args):

@@ -144,7 +144,10 @@ def test_busy_mount_is_detached_and_the_daemon_reaped(layers: tuple[Path, Path, 
 
 def test_killed_daemon_leaves_no_dead_mount(layers: tuple[Path, Path, Path]) -> None:
     lower, up, mnt = layers
-    with unionfs.mounted([lower], up, mnt) as m:
+    with (
+        pytest.raises(unionfs.MountError, match="killed by signal 9"),
+        unionfs.mounted([lower], up, mnt) as m,
+    ):
         os.kill(m.pid, signal.SIGKILL)
         m.proc.wait()
         assert support.errno_of(lambda: os.listdir(mnt)) == errno.ENOTCONN
@@ -203,7 +206,12 @@ def test_unprivileged_user(tmp: Path, unpriv_user: support.User) -> None:
 
 @pytest.mark.parametrize(
     ("args", "fragment"),
-    [(["--ready-fd", "0"], "--ready-fd needs -f"), (["-f", "--ready-fd", "97"], "--ready-fd 97")],
+    [
+        (["--ready-fd", "0"], "--ready-fd needs -f"),
+        (["-f", "--ready-fd", "97"], "--ready-fd 97"),
+        (["--parent-fd", "0"], "--parent-fd needs -f"),
+        (["-f", "--parent-fd", "97"], "--parent-fd 97"),
+    ],
 )
 def test_ready_fd_misuse_is_one_line(layers: tuple[Path, Path, Path], args, fragment) -> None:
     lower, up, mnt = layers
@@ -216,3 +224,47 @@ def test_ready_fd_misuse_is_one_line(layers: tuple[Path, Path, Path], args, frag
     assert r.returncode == 2
     assert r.stderr.startswith("unionfs-mount: ") and fragment in r.stderr, r.stderr
     assert len(r.stderr.splitlines()) == 1 and not support.is_mounted(mnt)
+
+
+_KILLED_SCRIPT = textwrap.dedent(
+    """
+    import os, sys, time
+    import unionfs
+
+    lower, upper, mnt = sys.argv[1:4]
+    m = unionfs.mount([lower], upper, mnt)
+    print(m.pid, flush=True)
+    time.sleep(3600)
+    """
+)
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL])
+def test_a_killed_program_leaves_no_mount_and_no_daemon(
+    layers: tuple[Path, Path, Path], sig: signal.Signals
+) -> None:
+    # The daemon is in a session of its own, so the signal that ends the program (or its
+    # process group, as a CI runner's timeout does) never reaches it; it must see its
+    # supervisor's end anyway, through the lifeline pipe, and unmount.
+    lower, up, mnt = layers
+    prog = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_SCRIPT, str(lower), str(up), str(mnt)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert prog.stdout is not None
+    daemon = support.DetachedDaemon(int(prog.stdout.readline()))
+    try:
+        assert support.is_mounted(mnt) and daemon.poll() is None
+        prog.send_signal(sig)
+        assert prog.wait() == -sig
+        try:
+            daemon.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            raise AssertionError("the daemon outlived the program that mounted") from None
+        assert not support.is_mounted(mnt)
+    finally:
+        daemon.kill()
+        daemon.close()
+        for entry in support.mounts_under(mnt):
+            support.force_unmount(entry)

@@ -427,3 +427,34 @@ def test_unsupported_entry_type(sandbox) -> None:
     layer, _ = sandbox
     with pytest.raises(LayerError, match="unsupported type"):
         extract(layer, it.tar_bytes([raw("x", b"V")]))  # a GNU volume header
+
+
+def test_hard_link_whose_target_walk_outgrows_the_descriptor_cache(sandbox) -> None:
+    """Walking to a deep target opens more directories than the extractor keeps
+    open; the link's own directory must stay open (and be the right one)."""
+    layer, _ = sandbox
+    chain = "/".join(["c"] * 150)
+    entries = [{"name": f"{chain}/f", "type": "file", "data": b"deep"}]
+    entries += [{"name": f"x{i:03d}/g", "type": "file"} for i in range(130)]
+    entries += [{"name": "x000/hl", "type": "link", "target": f"{chain}/f"}]
+    extract(layer, entries)
+    assert (layer / "x000/hl").read_bytes() == b"deep"
+    assert os.stat(layer / "x000/hl").st_ino == os.stat(layer / chain / "f").st_ino
+
+
+def test_whiteout_below_a_whited_out_directory(sandbox) -> None:
+    """``rm -rf /foo/bar`` seen by a naive differ: ``.wh.foo`` plus
+    ``foo/.wh.bar``.  foo is deleted, not shown as an empty directory."""
+    layer, _ = sandbox
+    extract(layer, [{"name": "foo/.wh.bar", "type": "file"}, {"name": ".wh.foo", "type": "file"}])
+    assert os.listdir(layer) == [".wh.foo"]
+    # But a directory the tar itself re-creates stays, opaque.
+    extract(
+        layer,
+        [
+            {"name": "d", "type": "dir"},
+            {"name": "d/.wh.x", "type": "file"},
+            {"name": ".wh.d", "type": "file"},
+        ],
+    )
+    assert sorted(os.listdir(layer / "d")) == [".wh..wh..opq", ".wh.x"]

@@ -83,6 +83,10 @@ def test_fsname_option_wins_over_source_and_is_escaped_for_libfuse():
         "x-systemd.automount",
         "x-systemd.idle-timeout=1min",
         "X-mount.mkdir",
+        "relatime",
+        "diratime",
+        "nostrictatime",
+        "nolazytime",
     ],
 )
 def test_mount_tool_options_are_ignored(word):
@@ -97,6 +101,9 @@ def test_mount_tool_options_are_ignored(word):
         ("setuid=alice", "run unionfs-mount as that user"),
         ("drop_privileges", "mount.fuse3's"),
         ("users=1", "unknown option 'users='"),  # a flag, not a key
+        ("nodiratime", "cannot be given to a FUSE mount"),
+        ("strictatime", "cannot be given to a FUSE mount"),
+        ("lazytime", "cannot be given to a FUSE mount"),
     ],
 )
 def test_helper_only_options_are_refused(word, fragment):
@@ -284,13 +291,15 @@ def _layers(tmp: Path, owner: User | None = None) -> tuple[Path, Path, Path, Pat
 @pytest.mark.root
 def test_mount_t_fuse_unionfs_mount_as_root(tmp):
     lower, up, work, mnt = _layers(tmp)
-    opts = f"lowerdir={lower},upperdir={up},workdir={work}"
+    # relatime, as fstab lines often have it: libfuse refuses it, so it must not reach it.
+    opts = f"lowerdir={lower},upperdir={up},workdir={work},relatime,nosuid"
     with namespace(tmp) as ns:
         r = ns.run(["mount", "-t", "fuse.unionfs-mount", "unionfs", str(mnt), "-o", opts])
         assert r.returncode == 0, r.stderr
         (line,) = ns.mountinfo(mnt)
         fstype, source = line.split(" - ")[1].split()[:2]
         assert (fstype, source) == ("fuse.unionfs", "unionfs")
+        assert "nosuid" in line.split()[5].split(",")
         daemon = _daemon(ns)
         r = ns.run(["sh", "-c", f"stat -c %s {mnt}/f && cat {mnt}/f && echo new > {mnt}/new"])
         assert r.returncode == 0, r.stderr

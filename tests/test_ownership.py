@@ -118,6 +118,9 @@ def test_umoci_and_fuse_overlayfs_xattrs_are_read(tmp: Path) -> None:
 
 # -- through a rootless mount -------------------------------------------------------
 
+#: A v2 file capability: cap_net_raw, effective (what iputils' ping carries).
+CAP_NET_RAW = bytes.fromhex("0100000200200000000000000000000000000000")
+
 IMAGE = [
     [
         {"name": "etc", "type": "dir"},
@@ -131,6 +134,12 @@ IMAGE = [
         {"name": "home/user", "type": "dir", "uid": 1000, "gid": 1000, "mode": 0o700},
         {"name": "sh", "type": "symlink", "target": "bin/su"},
         {"name": "tmp", "type": "dir", "mode": 0o1777},
+        {
+            "name": "bin/ping",
+            "type": "file",
+            "data": b"\x7fELF",
+            "xattrs": {"security.capability": CAP_NET_RAW.decode("utf-8", "surrogateescape")},
+        },
     ],
     [{"name": "etc/motd", "type": "file", "data": b"hi\n", "uid": 33, "gid": 33}],
 ]
@@ -156,13 +165,12 @@ def ls_ln(path: Path, user) -> dict[str, tuple[str, ...]]:
     return out
 
 
-@pytest.fixture
-def user_image(tmp: Path, unpriv_user, unpriv_tmp: Path, monkeypatch: pytest.MonkeyPatch):
-    """The test image imported by the unprivileged user into its own store."""
-    src = unpriv_tmp / "oci"
+def _import_as(user, base: Path, *flags: str) -> Path:
+    """The test image imported by ``user`` into a store of its own in ``base``."""
+    src = base / "oci"
     it.make_layout(src, IMAGE)
-    support.chown_tree(src, unpriv_user.uid, unpriv_user.gid)
-    store = unpriv_tmp / "store"
+    support.chown_tree(src, user.uid, user.gid)
+    store = base / "store"
     r = subprocess.run(
         [
             sys.executable,
@@ -172,15 +180,23 @@ def user_image(tmp: Path, unpriv_user, unpriv_tmp: Path, monkeypatch: pytest.Mon
             "--store",
             str(store),
             "import",
+            *flags,
             str(src),
             "img:1",
         ],
         capture_output=True,
         text=True,
-        preexec_fn=support.as_user(unpriv_user),
+        preexec_fn=support.as_user(user),
         cwd="/",
     )
     assert r.returncode == 0, r.stderr
+    return store
+
+
+@pytest.fixture
+def user_image(unpriv_user, unpriv_tmp: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """The test image imported by the unprivileged user into its own store."""
+    store = _import_as(unpriv_user, unpriv_tmp)
     monkeypatch.setenv("UNIONFS_STORE", str(store))
     return store
 
@@ -361,3 +377,79 @@ def test_fuse_overlayfs_reads_our_layers(user_image: Path, unpriv_user, unpriv_t
     finally:
         subprocess.run(["fusermount3", "-u", str(mnt)], preexec_fn=support.as_user(unpriv_user))
         support.wait_unmounted(mnt)
+
+
+def test_file_capability_kept_without_root_and_shown(
+    user_image: Path, unpriv_user, unpriv_tmp: Path, unionfs
+) -> None:
+    """security.capability cannot be set by a user: the layer keeps it as
+    user.containers.override_security.capability (fuse-overlayfs' name) and the
+    mount shows it under its own name; the saved name cannot be forged through it."""
+    from unionfs.image import Store
+
+    lower = Path(Store.open(str(user_image)).image("img:1").layers[-1])
+    assert os.getxattr(lower / "bin/ping", "user.containers.override_security.capability") == (
+        CAP_NET_RAW
+    )
+    up, mnt = _dirs(unpriv_tmp, unpriv_user, "up", "mnt")
+    unionfs(["image:img:1"], up, mnt, user=unpriv_user)
+
+    def look() -> tuple[bytes, list[str], int]:
+        value = os.getxattr(mnt / "bin/ping", "security.capability")
+        names = os.listxattr(mnt / "bin/ping")
+        (mnt / "tmp/mine").write_bytes(b"")  # the root is root's: only /tmp is open
+        try:
+            os.setxattr(
+                mnt / "tmp/mine", "user.containers.override_security.capability", CAP_NET_RAW
+            )
+        except OSError as e:
+            return value, names, e.errno
+        return value, names, 0
+
+    value, names, err = support.run_as(unpriv_user, look)
+    assert value == CAP_NET_RAW
+    assert names == ["security.capability"]
+    assert err != 0
+
+
+def test_pure_api_for_the_layer_exporter(tmp: Path) -> None:
+    """from_xattrs/shown_stat: what a tool that read the xattrs itself applies."""
+    f = tmp / "dev"
+    f.write_bytes(b"")
+    st = f.lstat()
+    values = {b"user.containers.override_stat": b"0:6:0660:block-8-1", b"user.other": b"x"}
+    ov = ownership.from_xattrs(values)
+    assert ov == Override(0, 6, 0o660, "block", os.makedev(8, 1))
+    import stat as st_mod
+
+    mode, uid, gid, rdev = ownership.shown_stat(st, ov)
+    assert st_mod.S_ISBLK(mode) and st_mod.S_IMODE(mode) == 0o660
+    assert (uid, gid, rdev) == (0, 6, os.makedev(8, 1))
+    assert ownership.shown_stat(st, None) == (st.st_mode, st.st_uid, st.st_gid, st.st_rdev)
+    assert ownership.from_xattrs({b"user.containers.override_stat": b"junk"}) is None
+    assert ownership.from_xattrs({b"user.rootlesscontainers": bytes.fromhex("087b10c803")}) == (
+        Override(123, 456)
+    )
+
+
+def test_owners_from_the_side_table(
+    unpriv_user, unpriv_tmp: Path, unionfs, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A store imported with --side-table (bound for NFS): no ownership xattr at
+    all, the same view through the mount."""
+    store = _import_as(unpriv_user, unpriv_tmp, "--side-table")
+    monkeypatch.setenv("UNIONFS_STORE", str(store))
+    from unionfs.image import Store
+
+    for layer in Store.open(str(store)).image("img:1").layers:
+        for p in [Path(layer), *Path(layer).rglob("*")]:
+            if not p.is_symlink():
+                assert not any("override" in x or "rootless" in x for x in os.listxattr(p))
+    (mnt,) = _dirs(unpriv_tmp, unpriv_user, "mnt")
+    unionfs(["image:img:1"], mnt=mnt, user=unpriv_user)
+    etc = ls_ln(mnt / "etc", unpriv_user)
+    assert etc["shadow"][:3] == ("-rw-r-----", "0", "42")
+    assert etc["motd"][:3] == ("-rw-r--r--", "33", "33")
+    assert ls_ln(mnt / "bin", unpriv_user)["su"][:3] == ("-rwsr-xr-x", "0", "0")
+    assert ls_ln(mnt / "dev", unpriv_user)["null"] == ("crw-rw-rw-", "0", "0", "1,3")
+    assert ls_ln(mnt, unpriv_user)["bin"][:3] == ("drwxr-xr-x", "0", "0")

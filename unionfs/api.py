@@ -8,7 +8,10 @@ is the daemon's own, in a session of its own so that a Ctrl-C at the terminal
 reaches the program and not its filesystem.  It reports on an inherited pipe
 (``--ready-fd``) once a request through the mount has been answered, or its
 one-line start-up error, which is raised here as :class:`MountError` before
-anything is mounted.
+anything is mounted.  It holds the read end of a pipe (``--parent-fd``) whose
+write end only this process has: when this process ends, however it ends
+(SIGTERM, SIGKILL), the daemon unmounts lazily and exits, as no signal sent to
+this process's group reaches a daemon in another session.
 
 This module imports neither pyfuse3 nor trio: tools that only start mounts
 pay none of the filesystem's import time.
@@ -82,6 +85,7 @@ def mount_command(
     words: Sequence[str],
     ready_fd: int,
     debug: bool = False,
+    parent_fd: int | None = None,
 ) -> list[str]:
     """The daemon's argument vector: ``unionfs-mount -f --ready-fd N ...`` of this package.
 
@@ -90,6 +94,8 @@ def mount_command(
     one in the caller's working directory).
     """
     cmd = [sys.executable, "-P", "-m", "unionfs.cli", "-f", "--ready-fd", str(ready_fd)]
+    if parent_fd is not None:
+        cmd += ["--parent-fd", str(parent_fd)]
     if debug:
         cmd.append("-d")
     if words:
@@ -161,10 +167,13 @@ def _read_report(fd: int, deadline: float | None) -> str | None:
 class Mount:
     """A union mounted by :func:`mounted`, served by the child process ``pid``."""
 
-    def __init__(self, mountpoint: str, proc: subprocess.Popen[bytes], mount_id: int) -> None:
+    def __init__(
+        self, mountpoint: str, proc: subprocess.Popen[bytes], mount_id: int, lifeline: int
+    ) -> None:
         self.mountpoint = Path(mountpoint)
         self.proc = proc
         self._mount_id = mount_id
+        self._lifeline = lifeline
         self._done = False
 
     @property
@@ -201,6 +210,7 @@ class Mount:
             if self.is_mounted():
                 _unmount(str(self.mountpoint), lazy=True)
         code = _reap(self.proc, terminate=lazily)
+        os.close(self._lifeline)
         if self.is_mounted():  # the daemon was killed before it could say goodbye
             _unmount(str(self.mountpoint), lazy=True)
         return code
@@ -211,8 +221,11 @@ class Mount:
     def __exit__(self, exc_type: object, *_: object) -> None:
         already = self._done  # an explicit unmount() returned the status
         code = self.unmount()
-        if code > 0 and exc_type is None and not already:
-            raise MountError(f"the daemon of {str(self.mountpoint)!r} exited with status {code}", 1)
+        if code != 0 and exc_type is None and not already:
+            # A daemon killed by a signal (the OOM killer, a stray kill) failed the
+            # programs in the block as surely as one that exited with an error.
+            how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+            raise MountError(f"the daemon of {str(self.mountpoint)!r} {how}", 1)
 
 
 def _unmount(path: str, lazy: bool) -> bool:
@@ -263,35 +276,37 @@ def mount(
     before = set(_mount_ids(mnt))
     deadline = None if start_timeout is None else time.monotonic() + start_timeout
     r, w = os.pipe()
+    life_r, life_w = os.pipe()  # both non-inheritable: no other child holds life_w
     try:
         proc = subprocess.Popen(
-            mount_command(lowers, upper, mountpoint, words, w, debug),
+            mount_command(lowers, upper, mountpoint, words, w, debug, parent_fd=life_r),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,
-            pass_fds=(w,),
+            pass_fds=(w, life_r),
             start_new_session=True,
             env=_child_env(),
         )
     except BaseException:
-        os.close(r)
-        os.close(w)
+        for fd in (r, w, life_r, life_w):
+            os.close(fd)
         raise
     os.close(w)
+    os.close(life_r)
     try:
         report = _read_report(r, deadline)
     except BaseException:  # KeyboardInterrupt while waiting: leave nothing
-        _abandon(proc, mnt, before, terminate=True)
+        _abandon(proc, mnt, before, terminate=True, lifeline=life_w)
         raise
     finally:
         os.close(r)
     if report == "OK":
         new = [i for i, fstype in _mount_ids(mnt).items() if i not in before and "fuse" in fstype]
         if new:
-            return Mount(mnt, proc, max(new))
-        _abandon(proc, mnt, before, terminate=True)
+            return Mount(mnt, proc, max(new), life_w)
+        _abandon(proc, mnt, before, terminate=True, lifeline=life_w)
         raise MountError(f"cannot mount {mnt!r}: the daemon answered but nothing is mounted", 1)
     # After its error message the daemon ends by itself; a silent one is stopped.
-    _abandon(proc, mnt, before, terminate=report is None)
+    _abandon(proc, mnt, before, terminate=report is None, lifeline=life_w)
     if report is None:
         raise MountError(f"cannot mount {mnt!r}: no answer within {start_timeout} s", 1)
     if not report:
@@ -299,9 +314,12 @@ def mount(
     raise MountError(report, proc.returncode if proc.returncode and proc.returncode > 0 else 1)
 
 
-def _abandon(proc: subprocess.Popen[bytes], mnt: str, before: set[int], terminate: bool) -> None:
+def _abandon(
+    proc: subprocess.Popen[bytes], mnt: str, before: set[int], terminate: bool, lifeline: int
+) -> None:
     """After a failed start: reap (or stop) the daemon and detach whatever it mounted."""
     _reap(proc, terminate)
+    os.close(lifeline)
     for mount_id, fstype in _mount_ids(mnt).items():
         if mount_id not in before and "fuse" in fstype:
             _unmount(mnt, lazy=True)

@@ -45,10 +45,12 @@ def _parser() -> argparse.ArgumentParser:
         epilog=(
             "Options for -o: ro, workdir=DIR, timeout=S, entry_timeout=S, attr_timeout=S,"
             " negative_timeout=S, whiteout=kernel|oci, nonempty, allow_other, noallow_other,"
-            " fsname=NAME, lowerdir=L1:L2, upperdir=DIR, and the mount flags nosuid, nodev,"
-            " noexec, noatime, ... (see README). With -o lowerdir= the form is [SOURCE] MNT, as"
-            " mount(8) runs it (mount -t fuse.unionfs-mount SOURCE MNT -o lowerdir=...)."
-            " Unmount with: fusermount3 -u MNT"
+            " fsname=NAME, lowerdir=L1:L2, upperdir=DIR, uidmapping=C:H:S, gidmapping=C:H:S,"
+            " squash_to_root, squash_to_uid=U, squash_to_gid=G, xattr_permissions=0|2, and the"
+            " mount flags nosuid, nodev, noexec, noatime, ... (see README). LOWER may be"
+            " image:NAME[:TAG], an image of the store (unionfs image). With -o lowerdir= the"
+            " form is [SOURCE] MNT, as mount(8) runs it (mount -t fuse.unionfs-mount SOURCE MNT"
+            " -o lowerdir=...). Unmount with: fusermount3 -u MNT"
         ),
     )
     parser.add_argument("paths", nargs="+", metavar="LOWER1[:LOWER2...] [UPPER] MNT")
@@ -61,6 +63,13 @@ def _parser() -> argparse.ArgumentParser:
         metavar="N",
         help="with -f: write OK (or the start-up error) to inherited descriptor N once the"
         " mount answers, then close it",
+    )
+    parser.add_argument(
+        "--parent-fd",
+        type=int,
+        metavar="N",
+        help="with -f: unmount (lazily) and exit once inherited descriptor N, the read end of a"
+        " pipe its supervisor holds, reaches end of file (the supervisor ended)",
     )
     parser.add_argument("--version", action="version", version=f"unionfs {__version__}")
     return parser
@@ -108,6 +117,27 @@ def _ready_fd(args: argparse.Namespace) -> int | None:
         os.set_inheritable(fd, False)
     except OSError as e:
         raise ConfigError(f"--ready-fd {fd}: {e.strerror}", 2) from None
+    return fd
+
+
+def _parent_fd(args: argparse.Namespace) -> int | None:
+    """The validated ``--parent-fd``: the supervisor's lifeline, made non-inheritable.
+
+    The Python API starts the daemon in a session of its own (a Ctrl-C at the
+    terminal must reach the program, not its filesystem), so a SIGTERM or
+    SIGKILL of the program's process group does not reach the daemon: without
+    this, a killed program would leave its mount and daemon behind for good.
+    """
+    fd = args.parent_fd
+    if fd is None:
+        return None
+    if not (args.foreground or args.debug):
+        raise ConfigError("--parent-fd needs -f", 2)
+    try:
+        os.fstat(fd)
+        os.set_inheritable(fd, False)
+    except OSError as e:
+        raise ConfigError(f"--parent-fd {fd}: {e.strerror}", 2) from None
     return fd
 
 
@@ -169,8 +199,9 @@ def _setup_logging(cfg: MountConfig, daemon: bool) -> None:
 class Daemon:
     """One mounted union: builds the operations, serves, and tears down."""
 
-    def __init__(self, cfg: MountConfig) -> None:
+    def __init__(self, cfg: MountConfig, parent_fd: int | None = None) -> None:
         self.cfg = cfg
+        self.parent_fd = parent_fd
         self.stopped_by_signal = False
 
     def mount(self) -> None:
@@ -187,7 +218,13 @@ class Daemon:
             if cfg.upper is not None and not cfg.read_only:
                 assert cfg.workdir is not None
                 writer = Writer(cfg.whiteout, ns)
-                self.copyup = CopyUp(self.stack, cfg.workdir, writer, durable=not cfg.volatile)
+                self.copyup = CopyUp(
+                    self.stack,
+                    cfg.workdir,
+                    writer,
+                    durable=not cfg.volatile,
+                    metacopy=cfg.metacopy,
+                )
                 if cfg.identities:
                     from .identity import IdentityLog
 
@@ -236,8 +273,23 @@ class Daemon:
                 nursery.start_soon(LowerWatch(self.ops).run)
             nursery.start_soon(self._watch_signals)
             nursery.start_soon(self._when_ready, ready_fd)
+            if self.parent_fd is not None:
+                nursery.start_soon(self._watch_parent, self.parent_fd)
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
+
+    async def _watch_parent(self, fd: int) -> None:
+        """Unmount, as on SIGTERM, once the supervisor's end of the lifeline is closed."""
+        while True:
+            await trio.lowlevel.wait_readable(fd)
+            try:
+                if not os.read(fd, 4096):
+                    break
+            except BlockingIOError:
+                continue
+        log.info("the supervisor ended: unmounting")
+        self.stopped_by_signal = True
+        pyfuse3.terminate()
 
     async def _when_ready(self, ready_fd: int | None) -> None:
         """Once a stat through the mount answers: tune it, and tell a waiting parent."""
@@ -342,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
     given_fd = None
     try:
         given_fd = _ready_fd(args)
+        parent_fd = _parent_fd(args)
         cfg = _config(args)
         check_paths(cfg)
     except ConfigError as e:
@@ -362,7 +415,7 @@ def main(argv: list[str] | None = None) -> int:
     os.umask(0)
     ready_fd = given_fd if cfg.foreground else _daemonize()
     _setup_logging(cfg, daemon=not cfg.foreground)
-    daemon = Daemon(cfg)
+    daemon = Daemon(cfg, parent_fd)
     try:
         if cfg.workdir is not None:
             os.makedirs(cfg.workdir, mode=0o700, exist_ok=True)

@@ -16,13 +16,14 @@ import functools
 import logging
 import os
 import stat as stat_mod
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import pyfuse3
 
-from . import markers, ownership
+from . import markers, ownership, stats
 from .inodes import InodeTable, Node
 from .layers import Entry, LayerStack
 from .options import MountConfig
@@ -42,10 +43,17 @@ _READ_AHEAD_AT_OPEN = 128 * 1024
 
 
 def _guard(fn: F) -> F:
-    """Map every failure of a handler to an errno reply; never let one escape."""
+    """Map every failure of a handler to an errno reply; never let one escape.
+
+    Also the one place that counts requests: each one's latency goes into its
+    type's log2 histogram (``unionfs stats``; a clock read and an increment).
+    """
+    buckets = stats.COUNTERS.buckets(fn.__name__)
+    clock = time.perf_counter_ns
 
     @functools.wraps(fn)
     async def wrapper(*args: Any) -> Any:
+        start = clock()
         try:
             return await fn(*args)
         except pyfuse3.FUSEError:
@@ -55,6 +63,8 @@ def _guard(fn: F) -> F:
         except Exception:
             log.exception("unexpected error in %s%r", fn.__name__, args[1:])
             raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            buckets[(clock() - start).bit_length()] += 1
 
     return wrapper  # type: ignore[return-value]
 
@@ -133,6 +143,7 @@ class UnionOperations(pyfuse3.Operations):
         )
         #: Called with each directory a lookup or opendir reads (-o live: watch.py).
         self.on_dir_used: Callable[[Node], None] | None = None
+        stats.instrument(table, stack, self.upper.copyup if self.upper is not None else None)
 
     # -- helpers ---------------------------------------------------------------
 
@@ -315,7 +326,9 @@ class UnionOperations(pyfuse3.Operations):
         node = handle.node
         assert node.dir_layers is not None
         if handle.names is None:
-            if node.listing is None or node.listing_gen != self.stack.generation:
+            stale = node.listing is None or node.listing_gen != self.stack.generation
+            stats.count("listings", hit=not stale)
+            if stale:
                 node.listing = self.stack.merged_names(
                     node.path(), node.dir_layers, node.xwh_layers
                 )
@@ -380,10 +393,10 @@ class UnionOperations(pyfuse3.Operations):
 
     _OPEN_KEEP = os.O_ACCMODE | os.O_APPEND | os.O_SYNC | os.O_DSYNC | os.O_NOATIME
 
-    def _open_fd(self, node: Node, flags: int) -> int:
+    def _open_fd(self, node: Node, flags: int, extra: int = 0) -> int:
         return os.open(
             node.name,
-            (flags & self._OPEN_KEEP) | os.O_NOFOLLOW | os.O_CLOEXEC,
+            (flags & self._OPEN_KEEP) | extra | os.O_NOFOLLOW | os.O_CLOEXEC,
             dir_fd=self.stack.dirfd(node.layer, node.dirpath()),
         )
 
@@ -401,9 +414,15 @@ class UnionOperations(pyfuse3.Operations):
         if flags & os.O_ACCMODE != os.O_RDONLY or truncate:
             # Truncation makes the lower data useless: copy up metadata only.
             await self._writable().copyup.copy_up(node, with_data=not truncate)
-            fd = self._open_fd(node, flags | (os.O_TRUNC if truncate else 0))
-            if truncate:
-                os.ftruncate(fd, 0)
+            # O_TRUNC goes to the real open: Linux truncates on O_RDONLY|O_TRUNC
+            # too, where an ftruncate of the read-only descriptor was EINVAL.
+            # The kernel has checked the caller's write permission (may_open).
+            fd = self._open_fd(node, flags, os.O_TRUNC if truncate else 0)
+        elif node.metacopy:  # metadata only in the upper: read the lower's data
+            assert node.parent is not None and node.parent.dir_layers is not None
+            fd = self.stack.open_metacopy_data(
+                node.dirpath(), node.name, node.parent.dir_layers, node.parent.xwh_layers, flags
+            )
         else:
             fd = self._open_fd(node, flags)
             _start_reading(fd)
@@ -627,7 +646,7 @@ class UnionOperations(pyfuse3.Operations):
         upper = self._writable()
         node = self.table[inode]
         to_zero = fields.update_size and attr.st_size == 0
-        await upper.copyup.copy_up(node, with_data=not to_zero)
+        await upper.copyup.copy_up(node, with_data=not to_zero, meta_only=not fields.update_size)
         handle = self._files.get(fh) if fh is not None else None
         ofd = self._object_fd(node)
         try:
@@ -699,17 +718,20 @@ class UnionOperations(pyfuse3.Operations):
         kernel asks for ``security.capability`` before writes: most objects
         have none, and this answers those from memory.
         """
+        stats.count("xattr_names", hit=node.xattrs is not None)
         if node.xattrs is None:
             layer, dirpath, fname = self._xattr_target(node)
             names = self.stack.listxattr(layer, dirpath, fname)
             shown = markers.visible_xattrs(names)
             if self.owners is not None:
-                shown = list(ownership.visible(shown))
+                shown = ownership.shown_xattrs(shown)
             node.xattrs = frozenset(shown)
         return node.xattrs
 
     @_guard
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if name == stats.XATTR and inode == pyfuse3.ROOT_INODE:
+            return self._stats_reply(ctx)
         if markers.is_private_xattr(name):
             raise OSError(errno.EOPNOTSUPP, "union-private xattr")
         node = self.table[inode]
@@ -717,7 +739,14 @@ class UnionOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         layer, dirpath, fname = self._xattr_target(node)
         path = self.stack.xattr_path(layer, dirpath, fname)
-        return os.getxattr(path, name, follow_symlinks=fname is None)
+        try:
+            return os.getxattr(path, name, follow_symlinks=fname is None)
+        except OSError as e:
+            saved = ownership.saved_name(name) if self.owners is not None else None
+            if saved is None or e.errno != errno.ENODATA:
+                raise
+            # Kept by a rootless extraction or setxattr (fuse-overlayfs' containers mode).
+            return os.getxattr(path, saved, follow_symlinks=fname is None)
 
     @_guard
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
@@ -726,12 +755,17 @@ class UnionOperations(pyfuse3.Operations):
     async def _change_xattr(self, inode: int, name: bytes, change: Callable[[bytes], None]) -> None:
         """Copy the object up, then apply ``change`` to its /proc path."""
         if markers.is_private_xattr(name) or (
-            self.owners is not None and name in ownership.OWNERSHIP_XATTRS
+            # Ownership and saved privileged xattrs: a caller could forge an owner
+            # or a file capability with them.
+            self.owners is not None
+            and (
+                name in ownership.OWNERSHIP_XATTRS or name.startswith(ownership.SAVED_XATTR_PREFIX)
+            )
         ):
             raise OSError(errno.EOPNOTSUPP, "union-private xattr")
         upper = self._writable()
         node = self.table[inode]
-        await upper.copyup.copy_up(node)
+        await upper.copyup.copy_up(node, meta_only=True)
         ofd = self._object_fd(node)
         try:
             change(b"/proc/self/fd/%d" % ofd)
@@ -743,11 +777,27 @@ class UnionOperations(pyfuse3.Operations):
     async def setxattr(
         self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
     ) -> None:
-        await self._change_xattr(inode, name, lambda path: os.setxattr(path, name, value))
+        stored = self._stored_xattr(name)
+        await self._change_xattr(inode, name, lambda path: os.setxattr(path, stored, value))
 
     @_guard
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        await self._change_xattr(inode, name, lambda path: os.removexattr(path, name))
+        def remove(path: bytes) -> None:
+            try:
+                os.removexattr(path, name)
+            except OSError as e:
+                if self._stored_xattr(name) == name or e.errno not in (errno.ENODATA, errno.EPERM):
+                    raise
+                os.removexattr(path, self._stored_xattr(name))
+
+        await self._change_xattr(inode, name, remove)
+
+    def _stored_xattr(self, name: bytes) -> bytes:
+        """The name an xattr is written under: a rootless mount with ownership
+        metadata keeps ``security.*``/``trusted.*`` as ``user.containers.override_*``."""
+        if self.owners is None or not self.owners.record or not self.owners.active:
+            return name
+        return ownership.saved_name(name) or name
 
     @_guard
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
@@ -766,6 +816,12 @@ class UnionOperations(pyfuse3.Operations):
         ):
             setattr(out, field, getattr(sv, field))
         return out
+
+    def _stats_reply(self, ctx: pyfuse3.RequestContext) -> bytes:
+        """The counters (``unionfs stats``), for the mounting user and root only."""
+        if ctx.uid not in (0, os.geteuid()):
+            raise OSError(errno.EACCES, "the stats of a mount are its owner's")
+        return stats.encode(self.stats())
 
     def stats(self) -> dict[str, int]:
         """Sizes of what the daemon holds (SIGUSR1 logs them)."""

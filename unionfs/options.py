@@ -24,9 +24,6 @@ KERNEL_FLAGS = frozenset(
         "exec",
         "noatime",
         "atime",
-        "relatime",
-        "nodiratime",
-        "diratime",
         "dirsync",
         "sync",
         "async",
@@ -47,6 +44,11 @@ MOUNT_TOOL_FLAGS = frozenset(
 MOUNT_TOOL_KEYS = frozenset({"user", "comment"})
 #: Prefixes of fstab options kept for other programs (systemd, udisks): ``x-systemd.*``.
 MOUNT_TOOL_PREFIXES = ("x-", "X-")
+#: Mount flags a FUSE mount has anyway (the kernel's defaults) but that libfuse cannot
+#: pass (it refuses the whole mount): accepted, as fstab lines often spell them.
+FUSE_DEFAULT_FLAGS = frozenset({"relatime", "diratime", "nostrictatime", "nolazytime"})
+#: Mount flags libfuse and fusermount3 cannot pass at all: refused, not ignored.
+NOT_FOR_FUSE = frozenset({"nodiratime", "strictatime", "lazytime"})
 #: Options only mount.fuse3 can act on, before it runs the filesystem.  Reaching
 #: unionfs-mount they were not acted on; ignoring a request to drop privileges
 #: would run the daemon with more rights than asked, so they are refused.
@@ -86,6 +88,7 @@ class MountConfig:
     dircache: bool = True
     acl: bool = True
     volatile: bool = False
+    metacopy: bool = False
     spin_us: int = 30
     #: Follow changes made to the lowers while mounted (unionfs/watch.py).
     live: bool = False
@@ -162,16 +165,22 @@ def split_options(words: list[str]) -> list[str]:
 
 
 def is_mount_tool_option(word: str) -> bool:
-    """True for an option meant for mount(8), fstab or mount.fuse3, not for unionfs.
+    """True for an option meant for mount(8), fstab or mount.fuse3, not for unionfs,
+    or a mount flag every FUSE mount has anyway.
 
-    Refuses (ConfigError) the ones only mount.fuse3 can carry out.
+    Refuses (ConfigError) the ones only mount.fuse3 can carry out, and mount
+    flags a FUSE mount cannot have.
     """
     key, eq, _ = word.partition("=")
     if key in HELPER_ONLY:
         raise ConfigError(f"option {word!r} {HELPER_ONLY[key]}", 2)
+    if word in NOT_FOR_FUSE:
+        raise ConfigError(f"mount flag {word!r} cannot be given to a FUSE mount (libfuse)", 2)
     if key.startswith(MOUNT_TOOL_PREFIXES):
         return True
-    return key in MOUNT_TOOL_KEYS if eq else key in MOUNT_TOOL_FLAGS
+    if eq:
+        return key in MOUNT_TOOL_KEYS
+    return key in MOUNT_TOOL_FLAGS or key in FUSE_DEFAULT_FLAGS
 
 
 def _check_mountpoint_arg(path: str) -> None:
@@ -277,6 +286,10 @@ def build_config(
                     f"option spin_us= needs a whole number of us (0-1000000), not {value!r}", 2
                 )
             cfg.spin_us = int(value)
+        elif key == "metacopy":
+            if value not in ("on", "off"):
+                raise ConfigError(f"option metacopy= takes on or off, not {value!r}", 2)
+            cfg.metacopy = value == "on"
         elif key == "fsname":
             if not value:
                 raise ConfigError("option fsname= needs a value", 2)
@@ -321,6 +334,8 @@ def build_config(
         raise ConfigError("-o workdir= needs an upper directory", 2)
     if cfg.volatile and cfg.read_only:
         raise ConfigError("-o volatile needs a writable upper directory", 2)
+    if cfg.metacopy and cfg.read_only:
+        raise ConfigError("-o metacopy=on needs a writable upper directory", 2)
     return cfg
 
 
@@ -392,6 +407,12 @@ def check_paths(
     """
     if is_root is None:
         is_root = os.geteuid() == 0
+    if cfg.metacopy and not is_root:
+        raise ConfigError(
+            "-o metacopy=on needs a root mount: kernel overlayfs reads metacopy files only"
+            " with trusted.* xattrs, never in a rootless (userxattr) upper",
+            2,
+        )
 
     def real_dir(path: str, what: str) -> str:
         if not os.path.exists(path):

@@ -33,6 +33,7 @@ import contextlib
 import errno
 import os
 import stat as stat_mod
+from collections import abc
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 
@@ -245,21 +246,51 @@ def read_override_xattrs(dir_fd: int, name: bytes | None) -> Override | None:
     counts as absent (the real attributes show), never as an error.
     """
     path = _proc(dir_fd, name)
+    try:  # one listing, then only the values present: most objects have none
+        present = set(map(os.fsencode, os.listxattr(path, follow_symlinks=name is None)))
+    except OSError as e:
+        if e.errno in (errno.ENOTSUP, errno.EPERM, errno.EACCES):
+            return None
+        raise
+    values: dict[bytes, bytes] = {}
     for xname in (*OVERRIDE_XATTRS, ROOTLESS_XATTR):
+        if xname not in present:
+            continue
         try:
-            value = os.getxattr(path, xname, follow_symlinks=name is None)
+            values[xname] = os.getxattr(path, xname, follow_symlinks=name is None)
         except OSError as e:
             if e.errno in (errno.ENODATA, errno.ENOTSUP, errno.EPERM, errno.EACCES):
                 continue
             raise
+    return from_xattrs(values)
+
+
+def from_xattrs(values: abc.Mapping[bytes, bytes]) -> Override | None:
+    """The override among xattr values already read (name -> value), or None.
+
+    For tools that list and read an object's xattrs themselves (the layer
+    exporter): the same precedence and the same tolerance as the mount.
+    """
+    for xname in (*OVERRIDE_XATTRS, ROOTLESS_XATTR):
+        value = values.get(xname)
+        if value is None:
+            continue
         try:
             if xname == ROOTLESS_XATTR:
                 uid, gid = decode_rootless(value)
                 return Override(uid, gid)
             return parse_override(value)
-        except ValueError:
+        except (ValueError, UnicodeDecodeError):
             continue
     return None
+
+
+def shown_stat(st: os.stat_result, ov: Override | None) -> tuple[int, int, int, int]:
+    """(st_mode, st_uid, st_gid, st_rdev) an object shows, its override applied."""
+    if ov is None:
+        return st.st_mode, st.st_uid, st.st_gid, st.st_rdev
+    rdev = ov.rdev if ov.kind in ("block", "char") else st.st_rdev
+    return ov.st_mode(st.st_mode), ov.uid, ov.gid, rdev
 
 
 def write_override_xattr(dir_fd: int, name: bytes | None, ov: Override) -> None:
@@ -498,12 +529,9 @@ class Presenter:
     ) -> tuple[int, int, int, int]:
         """(st_mode, st_uid, st_gid, st_rdev) shown for a real ``st``."""
         ov = self.lookup(layer, dir_fd, name, key) if self.active else None
-        if ov is None:
-            uid, gid = self.mapping.shown(st.st_uid, st.st_gid)
-            return st.st_mode, uid, gid, st.st_rdev
-        uid, gid = self.mapping.shown(ov.uid, ov.gid)
-        rdev = ov.rdev if ov.kind in ("block", "char") else st.st_rdev
-        return ov.st_mode(st.st_mode), uid, gid, rdev
+        mode, uid, gid, rdev = shown_stat(st, ov)
+        uid, gid = self.mapping.shown(uid, gid)
+        return mode, uid, gid, rdev
 
     def change(
         self, ofd: int, st: os.stat_result, uid: int | None, gid: int | None, mode: int | None
@@ -574,3 +602,29 @@ def presenter_for(
     if not view.active and mapping == Mapping():
         return None
     return view
+
+
+# -- xattrs the process may not set, kept under a user. name --------------------
+
+
+def shown_xattrs(names: Iterable[bytes]) -> list[bytes]:
+    """A listing as the mount shows it: ownership xattrs hidden, saved ones
+    (``user.containers.override_security.capability``) under their own name."""
+    out = []
+    for n in names:
+        if n in OWNERSHIP_XATTRS:
+            continue
+        if n.startswith(SAVED_XATTR_PREFIX):
+            orig = n[len(SAVED_XATTR_PREFIX) :]
+            if orig.startswith((b"security.", b"trusted.")) and orig not in OWNERSHIP_XATTRS:
+                out.append(orig)
+            continue
+        out.append(n)
+    return out
+
+
+def saved_name(name: bytes) -> bytes | None:
+    """Where a ``security.*``/``trusted.*`` xattr is kept when it cannot be set for real."""
+    if name.startswith((b"security.", b"trusted.")) and name not in OWNERSHIP_XATTRS:
+        return SAVED_XATTR_PREFIX + name
+    return None

@@ -308,6 +308,8 @@ class Upper:
                 await self.make_pure_upper(node)
         elif node.layer != 0 or self.stack.lstat(0, parent.path(), name) is None:
             await self.link_alias(parent, name, node)
+        elif node.metacopy:  # its data is found by its path: fetch it before a move
+            await self.copyup.copy_up(node)
 
     @changes_upper
     async def rename(

@@ -60,6 +60,11 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     imp.add_argument("--ref", dest="source_ref", metavar="REF", help="which image of the source")
     imp.add_argument("--platform", metavar="OS/ARCH[/VARIANT]", help="default: this machine's")
     imp.add_argument("-q", "--quiet", action="store_true", help="no progress line")
+    imp.add_argument(
+        "--side-table",
+        action="store_true",
+        help="keep owners in each layer's side table, not in xattrs (a store for NFS)",
+    )
     ls = sub.add_parser("ls", help="list images")
     ls.add_argument("--json", action="store_true", help="machine-readable output")
     ins = sub.add_parser("inspect", help="show an image's record, config and layer dirs (JSON)")
@@ -82,6 +87,10 @@ def main(prog: str, argv: list[str]) -> int:
     except ImageError as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # the reader (head, less) went away: not an error of ours
+        with contextlib.suppress(OSError):
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - no flush error at exit
+        return 0
     except OSError as e:
         where = f" ({e.filename})" if e.filename else ""
         print(f"{prog}: {e.strerror or e}{where}", file=sys.stderr)
@@ -90,6 +99,7 @@ def main(prog: str, argv: list[str]) -> int:
 
 def _import(store: Store, args: argparse.Namespace) -> int:
     plat = Platform.parse(args.platform) if args.platform else None
+    store.side_table = args.side_table
     progress = TermProgress() if sys.stderr.isatty() and not args.quiet else None
     try:
         img = store.import_image(args.path, args.ref, args.source_ref, plat, progress)

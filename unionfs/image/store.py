@@ -134,6 +134,10 @@ class Store:
     def __init__(self, root: str, readonly: bool = False) -> None:
         self.root = os.path.abspath(root)
         self.readonly = readonly
+        #: Record ownership in each layer's side table rather than in xattrs
+        #: (for a store bound for a filesystem without user xattrs, e.g. NFS);
+        #: without it the table is used only where xattrs fail.
+        self.side_table = False
 
     @classmethod
     def open(cls, path: str | None = None, readonly: bool | None = None) -> Store:
@@ -348,7 +352,9 @@ class Store:
                 compression, plain = layout.decompressed(stored)
                 tarred = layout.VerifyingReader(plain, blob.diff_id, None, f"layer {what}")
                 try:
-                    stats = extract.extract_tar(tarred, root_fd, on_entry=tick)
+                    stats = extract.extract_tar(
+                        tarred, root_fd, use_xattrs=not self.side_table, on_entry=tick
+                    )
                 except extract.LayerError as e:
                     raise ImageError(f"layer {what}: {e}") from None
                 tarred.finish()
@@ -388,7 +394,7 @@ class Store:
                     _, plain = layout.decompressed(fileobj)
                     tarred = layout.VerifyingReader(plain, diff_id, None, "layer")
                     try:
-                        stats = extract.extract_tar(tarred, root_fd)
+                        stats = extract.extract_tar(tarred, root_fd, use_xattrs=not self.side_table)
                     except extract.LayerError as e:
                         raise ImageError(f"layer: {e}") from None
                     tarred.finish()

@@ -157,10 +157,14 @@ class Extractor:
         self.table = ownership.TableWriter(root_fd)
         self.stats = ExtractStats()
         self._fds: OrderedDict[Path, int] = OrderedDict()
+        #: Directories whose descriptors the current member still uses.
+        self._pinned: set[Path] = set()
         #: Directories made here, with the attributes to give them at the end
         #: (a directory's mode and mtime are set after its children are in).
         self._dirs: dict[Path, tuple[int, int, int, int, list[tuple[bytes, bytes]]]] = {}
         self._whiteouts: list[tuple[Path, bytes]] = []
+        #: Directories the tar names itself (the others were made as parents).
+        self._explicit: set[Path] = set()
         #: Side-table records by path, for hard links to symlinks and FIFOs.
         self._tabled: dict[Path, Override] = {}
 
@@ -203,13 +207,10 @@ class Extractor:
             raise
         self._fds[path] = fd
         if len(self._fds) > 128:
-            os.close(self._fds.popitem(last=False)[1])
+            # The oldest that no caller still holds (a hard link holds two).
+            old = next(k for k in self._fds if k not in self._pinned and k != path)
+            os.close(self._fds.pop(old))
         return fd
-
-    def _forget(self, path: Path) -> None:
-        n = len(path)
-        for key in [k for k in self._fds if k[:n] == path]:
-            os.close(self._fds.pop(key))
 
     # ownership ----------------------------------------------------------------
 
@@ -264,7 +265,8 @@ class Extractor:
         if not parts:
             if not ti.isdir():
                 raise LayerError("the layer's root entry is not a directory")
-            self._dirs[()] = (ti.mode, ti.uid, ti.gid, int(ti.mtime), pax_xattrs(ti.pax_headers))
+            perm = ti.mode & 0o7777  # some producers keep the type bits in the mode field
+            self._dirs[()] = (perm, ti.uid, ti.gid, int(ti.mtime), pax_xattrs(ti.pax_headers))
             return
         parent, base = parts[:-1], parts[-1]
         if base == markers.OPAQUE_NAME:
@@ -317,6 +319,7 @@ class Extractor:
             with contextlib.suppress(FileExistsError):  # a dir already: attributes merge
                 os.mkdir(name, 0o700, dir_fd=dir_fd)
             self._dirs[parts] = (perm, ti.uid, ti.gid, mtime, xattrs)
+            self._explicit.add(parts)
             return
         if ti.islnk():
             self._hardlink(dir_fd, parts, ti)
@@ -350,7 +353,9 @@ class Extractor:
         try:
             if data is not None:
                 while chunk := data.read(_CHUNK):
-                    os.write(fd, chunk)
+                    view = memoryview(chunk)
+                    while view:  # a write may be short
+                        view = view[os.write(fd, view) :]
                     self.stats.bytes += len(chunk)
             self._finish(fd, parts, dir_fd, ti, stat_mod.S_IFREG, xattrs)
         finally:
@@ -419,7 +424,11 @@ class Extractor:
             raise LayerError(f"entry {_show(parts)} is a hard link to {_show(target)}")
         if target == parts:
             raise LayerError(f"entry {_show(parts)} is a hard link to itself")
-        tdir = self._dirfd(target[:-1], False, parts)
+        self._pinned = {parts[:-1]}  # dir_fd must outlive the walk to the target
+        try:
+            tdir = self._dirfd(target[:-1], False, parts)
+        finally:
+            self._pinned = set()
         try:
             st = os.stat(target[-1], dir_fd=tdir, follow_symlinks=False)
         except FileNotFoundError:
@@ -441,15 +450,40 @@ class Extractor:
         deepest first (a read-only directory must not block its children)."""
         for parent, target in self._whiteouts:
             path = (*parent, target)
-            if path in self._dirs:
-                fd = self._dirfd(path, False, path)
-                self.writer.set_opaque(fd)
+            if path not in self._dirs:
+                continue
+            if path not in self._explicit and self._only_markers(path):
+                # ``.wh.foo`` with ``foo/.wh.bar`` (``rm -rf /foo/bar`` seen by a
+                # naive differ): foo was made only to hold a whiteout of its
+                # own child; it is deleted, not re-created.
+                self._drop_marker_dir(path)
+                continue
+            self.writer.set_opaque(self._dirfd(path, False, path))
         if () not in self._dirs:
             self._dirs[()] = (0o755, 0, 0, 0, [])
         for path in sorted(self._dirs, key=len, reverse=True):
             perm, uid, gid, mtime, xattrs = self._dirs[path]
             self._dir_attrs(path, perm, uid, gid, mtime, xattrs)
         self.table.close(durable=False)
+
+    def _only_markers(self, path: Path) -> bool:
+        fd = os.open(
+            path[-1],
+            os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW,
+            dir_fd=self._dirfd(path[:-1], False, path),
+        )
+        try:
+            return all(markers.is_marker_name(os.fsencode(n)) for n in os.listdir(fd))
+        finally:
+            os.close(fd)
+
+    def _drop_marker_dir(self, path: Path) -> None:
+        fd = self._dirfd(path, False, path)
+        for n in os.listdir(b"/proc/self/fd/%d" % fd):
+            os.unlink(n, dir_fd=fd)
+        os.close(self._fds.pop(path))
+        os.rmdir(path[-1], dir_fd=self._dirfd(path[:-1], False, path))
+        del self._dirs[path]
 
     def _dir_attrs(
         self, path: Path, perm: int, uid: int, gid: int, mtime: int, xattrs: list

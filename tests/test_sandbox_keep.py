@@ -39,7 +39,8 @@ os.makedirs("gen/a")
 with open("gen/a/f", "w") as f:
     f.write("f\n")
 '
-sqlite3 db.sqlite 'PRAGMA journal_mode=WAL; CREATE TABLE t(x); INSERT INTO t VALUES (1), (2);' > /dev/null
+sqlite3 db.sqlite 'PRAGMA journal_mode=WAL; CREATE TABLE t(x);' > /dev/null
+sqlite3 db.sqlite 'INSERT INTO t VALUES (1), (2);'
 rm -rf doomed
 chmod 700 locked
 """

@@ -343,7 +343,7 @@ def test_startup_benchmark_runs(unpriv_user: support.User) -> None:
     """benchmarks/sandbox.py end to end, one run (no timing is checked)."""
     bench = Path(__file__).resolve().parent.parent / "benchmarks" / "sandbox.py"
     r = subprocess.run(
-        [sys.executable, str(bench), "--runs", "1", "--user", unpriv_user.name],
+        [sys.executable, str(bench), "--runs", "1", "--commit", "100", "--user", unpriv_user.name],
         capture_output=True,
         text=True,
         timeout=300,
@@ -351,3 +351,41 @@ def test_startup_benchmark_runs(unpriv_user: support.User) -> None:
     assert r.returncode == 0, r.stderr
     assert "| unionfs sandbox run -- true |" in r.stdout
     assert "sandbox steps (median): interpreter" in r.stdout
+    assert "sandbox commit of 100 small files:" in r.stdout
+
+
+def test_several_dirs_are_sandboxed_each(home: Home) -> None:
+    for d in ("src", "conf"):
+        (home.path / d).mkdir()
+        (home.path / d / "f").write_text(f"{d}\n")
+    support.chown_tree(home.path, home.user.uid, home.user.gid)
+    opts = ("--name", "two", "--dir", str(home.path / "src"), "--dir", str(home.path / "conf"))
+    prog = "echo S > src/f; echo C > conf/f; echo real > a.txt.new"
+    r = home.sandbox("sh", "-c", prog, opts=opts)
+    assert r.returncode == 0, r.stderr
+    assert (home.path / "src/f").read_text() == "src\n"
+    assert (home.path / "conf/f").read_text() == "conf\n"
+    assert (home.path / "a.txt.new").read_text() == "real\n"  # outside the sandboxed dirs
+    assert (home.upper("two", 0) / "f").read_text() == "S\n"
+    assert (home.upper("two", 1) / "f").read_text() == "C\n"
+    r = home.unionfs("sandbox", "commit", "two", str(home.path / "conf"))
+    assert r.returncode == 0, r.stderr
+    assert (home.path / "conf/f").read_text() == "C\n"
+    assert (home.path / "src/f").read_text() == "src\n"
+
+
+def test_gc_removes_leftovers(home: Home) -> None:
+    top = home.path / ".local/state/unionfs/sandboxes"
+    stale = home.runtime / "unionfs" / "x.0.999999"
+    half = top / ".x.new.999999"
+    support.run_as(home.user, _make_leftovers, stale, half)
+    r = home.unionfs("sandbox", "gc")
+    assert (r.returncode, r.stdout) == (0, "2 leftover(s) removed\n"), r.stderr
+    assert not stale.exists() and not half.exists()
+
+
+def _make_leftovers(stale: Path, half: Path) -> None:
+    stale.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    stale.mkdir()
+    half.mkdir(parents=True)
+    (half / "junk").write_text("x")

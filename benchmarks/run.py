@@ -435,6 +435,8 @@ def main(argv: list[str] | None = None) -> int:
         print("no target can run here", file=sys.stderr)
         return 1
     lock_workdir(args.workdir)  # before the try: never clean up another run's mounts
+    for target in chosen:
+        target.prepare_run()
     try:
         run = setup(args)
         status = measure_and_report(run, chosen, skipped, workloads)

@@ -12,7 +12,6 @@ import argparse
 import contextlib
 import errno
 import logging
-import logging.handlers
 import os
 import resource
 import signal
@@ -186,7 +185,9 @@ def _setup_logging(cfg: MountConfig, daemon: bool) -> None:
     level = logging.DEBUG if cfg.debug else logging.INFO
     handler: logging.Handler
     if daemon and os.path.exists("/dev/log"):
-        handler = logging.handlers.SysLogHandler(address="/dev/log")
+        from logging.handlers import SysLogHandler  # a daemon's only: not on every start
+
+        handler = SysLogHandler(address="/dev/log")
         handler.setFormatter(logging.Formatter("unionfs[%(process)d]: %(message)s"))
     elif daemon:
         handler = logging.NullHandler()

@@ -124,6 +124,9 @@ class Target:
     def version(self) -> str:
         return ""
 
+    def prepare_run(self) -> None:
+        """Once before the first round (untimed)."""
+
     def mount(self, tree: Tree, scratch: Path, fresh: bool, copy_big: bool) -> Mount:
         raise NotImplementedError
 
@@ -358,6 +361,24 @@ class Unionfs(FuseTarget):
                 " (pip install -e . in the venv, or pass --unionfs CMD)"
             )
         return super().unavailable()
+
+    def prepare_run(self) -> None:
+        """Byte-compile the package, as ``pip install`` does: from an editable install under
+        PYTHONDONTWRITEBYTECODE (this project's environment sets it) every mount would
+        compile every module again, ~90 ms of CPU that an installed unionfs never pays."""
+        binary = self.binary()
+        if binary is None:
+            return
+        with open(binary, "rb") as f:
+            first = f.readline()
+        if not first.startswith(b"#!"):
+            return
+        python = first[2:].strip().decode(errors="replace").split()[0]
+        code = (
+            "import compileall, os, unionfs;"
+            " compileall.compile_dir(os.path.dirname(unionfs.__file__), quiet=1)"
+        )
+        subprocess.run([python, "-c", code], capture_output=True, check=False)
 
     def argv(self, tree: Tree, upper: Path, work: Path, mnt: Path) -> list[str]:
         opts = ",".join(filter(None, [f"workdir={work}", self.options]))

@@ -74,6 +74,14 @@ def option_words(read_only: bool = False, **options: object) -> list[str]:
             words.append(f"no{key}")
         else:
             text = os.fspath(value) if isinstance(value, os.PathLike) else str(value)
+            if text.endswith("\\") or "\\," in text:
+                # -o has no spelling for it: the backslash would escape the comma
+                # after it, and the next option would silently become part of this.
+                raise MountError(
+                    f"option {key}=: a backslash before a comma or at the end of"
+                    f" {text!r} cannot be passed with -o",
+                    2,
+                )
             words.append(f"{key}={text.replace(',', chr(92) + ',')}")
     return words
 

@@ -1,0 +1,98 @@
+"""Ownership metadata never gives root: what the host kernel enforces stays real.
+
+An override (``user.containers.override_stat``) is data that any owner of a
+file can write.  These tests are the review's reproducers (findings 1-3):
+a user's own directory dressed up as a root-owned image with a setuid copy
+of ``id``, mounted by root (also with ``suid,dev``, as mount(8) passes them)
+and by the user; the user must never get euid 0 from it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+import support
+
+
+def _dressed_lower(user, base: Path) -> Path:
+    """The reviewer's lower: the user's own dir whose root and ``id`` copy claim root."""
+    lower = base / "alice"
+    lower.mkdir()
+    shutil.copy2("/usr/bin/id", lower / "id")
+    support.chown_tree(lower, user.uid, user.gid)
+
+    def dress() -> None:
+        os.setxattr(lower, b"user.containers.override_stat", b"0:0:040755")
+        os.setxattr(lower / "id", b"user.containers.override_stat", b"0:0:0104755")
+
+    support.run_as(user, dress)  # done as the user: no privilege is needed to write them
+    return lower
+
+
+def _euid_through(mnt: Path, user) -> str:
+    r = subprocess.run(
+        [str(mnt / "id"), "-u"],
+        capture_output=True,
+        text=True,
+        preexec_fn=support.as_user(user),
+        check=True,
+    )
+    return r.stdout.strip()
+
+
+def _shown(mnt: Path, user) -> tuple[str, str]:
+    r = subprocess.run(
+        ["stat", "-c", "%A %u", str(mnt / "id")],
+        capture_output=True,
+        text=True,
+        preexec_fn=support.as_user(user),
+        check=True,
+    )
+    mode, uid = r.stdout.split()
+    return mode, uid
+
+
+@pytest.mark.parametrize("opts", [(), ("suid", "dev")])
+def test_root_mount_ignores_overrides_by_default(
+    unpriv_user, unpriv_tmp: Path, unionfs, opts: tuple[str, ...]
+) -> None:
+    lower = _dressed_lower(unpriv_user, unpriv_tmp)
+    m = unionfs([lower], opts=opts)
+    assert _shown(m.mnt, unpriv_user) == ("-rwxr-xr-x", str(unpriv_user.uid))
+    assert _euid_through(m.mnt, unpriv_user) == str(unpriv_user.uid)
+
+
+def test_root_mount_opting_in_is_nosuid_nodev(unpriv_user, unpriv_tmp: Path, unionfs) -> None:
+    lower = _dressed_lower(unpriv_user, unpriv_tmp)
+    m = unionfs([lower], opts=("suid", "dev", "xattr_permissions=2"))
+    assert _shown(m.mnt, unpriv_user) == ("-rwsr-xr-x", "0")  # asked for: presented
+    flags = os.statvfs(m.mnt).f_flag
+    assert flags & os.ST_NOSUID and flags & os.ST_NODEV
+    assert _euid_through(m.mnt, unpriv_user) == str(unpriv_user.uid)
+
+
+def test_root_mount_with_squash_is_nosuid(unpriv_user, unpriv_tmp: Path, unionfs) -> None:
+    # squash_to_root shows the user's own u+s file as setuid root.
+    lower = unpriv_tmp / "plain"
+    lower.mkdir()
+    shutil.copy2("/usr/bin/id", lower / "id")
+    support.chown_tree(lower, unpriv_user.uid, unpriv_user.gid)
+    os.chmod(lower / "id", 0o4755)
+    m = unionfs([lower], opts=("suid", "squash_to_root"))
+    assert _shown(m.mnt, unpriv_user) == ("-rwsr-xr-x", "0")
+    assert _euid_through(m.mnt, unpriv_user) == str(unpriv_user.uid)
+
+
+def test_rootless_mount_keeps_presenting_overrides(unpriv_user, unpriv_tmp: Path, unionfs) -> None:
+    lower = _dressed_lower(unpriv_user, unpriv_tmp)
+    mnt = unpriv_tmp / "mnt"
+    mnt.mkdir()
+    os.chown(mnt, unpriv_user.uid, unpriv_user.gid)
+    m = unionfs([lower], mnt=mnt, user=unpriv_user)
+    assert _shown(m.mnt, unpriv_user) == ("-rwsr-xr-x", "0")  # today's automatic rule
+    assert _euid_through(m.mnt, unpriv_user) == str(unpriv_user.uid)  # fusermount3: nosuid

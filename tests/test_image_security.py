@@ -96,3 +96,75 @@ def test_rootless_mount_keeps_presenting_overrides(unpriv_user, unpriv_tmp: Path
     m = unionfs([lower], mnt=mnt, user=unpriv_user)
     assert _shown(m.mnt, unpriv_user) == ("-rwsr-xr-x", "0")  # today's automatic rule
     assert _euid_through(m.mnt, unpriv_user) == str(unpriv_user.uid)  # fusermount3: nosuid
+
+
+# -- finding 2: a store root writes into is private ------------------------------------
+
+SUID_LAYER = [
+    {"name": "bin", "type": "dir"},
+    {"name": "bin/su", "type": "file", "data": b"#!/bin/sh\n", "mode": 0o4755},
+    {"name": "dev", "type": "dir"},
+    {"name": "dev/sda", "type": "block", "major": 8, "minor": 0, "mode": 0o666},
+]
+
+
+def _reachable_by(user, path: Path) -> bool:
+    def probe() -> bool:
+        try:
+            os.lstat(path)
+        except PermissionError:
+            return False
+        return True
+
+    return support.run_as(user, probe)
+
+
+def test_root_store_is_private(tmp: Path, unpriv_user) -> None:
+    import imagetools as it
+    from test_images import run_cli
+
+    it.make_layout(tmp / "oci", [SUID_LAYER])
+    os.chmod(tmp, 0o755)
+    store = tmp / "shared"
+    r = run_cli("import", "-q", str(tmp / "oci"), "s", store=store)
+    assert r.returncode == 0, r.stderr
+    layers = store / "layers"
+    assert layers.stat().st_mode & 0o777 == 0o700
+    assert (store / "tmp").stat().st_mode & 0o777 == 0o700
+    (su,) = layers.glob("sha256/*/diff/bin/su")
+    assert su.stat().st_mode & 0o4000 and su.stat().st_uid == 0  # real, as root imports
+    assert not _reachable_by(unpriv_user, su)
+    assert not _reachable_by(unpriv_user, su.parent.parent / "dev/sda")
+
+
+def test_root_store_with_wider_modes_is_tightened(tmp: Path, unpriv_user) -> None:
+    import imagetools as it
+    from test_images import run_cli
+
+    it.make_layout(tmp / "oci", [SUID_LAYER])
+    os.chmod(tmp, 0o755)
+    store = tmp / "old"
+    (store / "layers").mkdir(parents=True)
+    os.chmod(store, 0o755)
+    os.chmod(store / "layers", 0o755)
+    r = run_cli("import", "-q", str(tmp / "oci"), "s", store=store)
+    assert r.returncode == 0, r.stderr
+    assert "made 0700" in r.stderr
+    assert (store / "layers").stat().st_mode & 0o777 == 0o700
+    (su,) = (store / "layers").glob("sha256/*/diff/bin/su")
+    assert not _reachable_by(unpriv_user, su)
+
+
+def test_root_refuses_a_store_a_user_owns(tmp: Path, unpriv_user) -> None:
+    import imagetools as it
+    from test_images import run_cli
+
+    it.make_layout(tmp / "oci", [SUID_LAYER])
+    store = tmp / "users"
+    (store / "layers").mkdir(parents=True)
+    support.chown_tree(store, unpriv_user.uid, unpriv_user.gid)
+    r = run_cli("import", "-q", str(tmp / "oci"), "s", store=store)
+    assert r.returncode == 1
+    assert "root imports only into a store root owns" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1
+    assert not list((store / "layers").iterdir())

@@ -30,9 +30,11 @@ import contextlib
 import errno
 import fcntl
 import json
+import logging
 import os
 import re
 import shutil
+import stat as stat_mod
 import tempfile
 import time
 import urllib.parse
@@ -42,9 +44,12 @@ from typing import IO, Any
 
 from ..oci import extract, layout
 from ..oci.layout import ImageError, Platform
+from ..ownership import can_chown_freely
 from ..syscalls import syncfs
 
 DEFAULT_TAG = "latest"
+
+log = logging.getLogger(__name__)
 
 
 class StoreError(ImageError):
@@ -229,8 +234,39 @@ class Store:
     def _writable(self) -> None:
         if self.readonly:
             raise StoreError(f"the store {self.root} is read-only")
+        if can_chown_freely():
+            self._make_private()
         for d in ("layers", "images", "tmp"):
             os.makedirs(self._p(d), exist_ok=True)  # the umask decides who may read
+
+    def _make_private(self) -> None:
+        """A store real root writes into holds real setuid-root files and device nodes.
+
+        Other users must not reach them (a 4755 root ``bin/su`` of an image in
+        a world-readable ``layers/`` gives anyone root; Docker keeps its store
+        0710/0700): ``layers/`` and ``tmp/`` are 0700, tightened with a
+        warning when they exist with wider modes, and every directory of the
+        store must belong to root (a user who owns one could rename a root-made
+        layer out of it).  Mounts are unaffected: the daemon reads as root.
+        """
+        os.makedirs(self.root, mode=0o700, exist_ok=True)
+        for d in ("", "layers", "tmp"):
+            path = self._p(d) if d else self.root
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(path, 0o700)
+            st = os.lstat(path)
+            if st.st_uid != 0 or not stat_mod.S_ISDIR(st.st_mode):
+                raise StoreError(
+                    f"{path} belongs to uid {st.st_uid}: root imports only into a store root owns"
+                    " (images imported as root have real setuid files and devices)"
+                )
+            if d and stat_mod.S_IMODE(st.st_mode) & 0o077:
+                os.chmod(path, 0o700)
+                log.warning(
+                    "%s was mode %04o: made 0700 (it holds real setuid files and devices)",
+                    path,
+                    stat_mod.S_IMODE(st.st_mode),
+                )
 
     @contextlib.contextmanager
     def _lock(self, exclusive: bool, wait: bool = True) -> Iterator[None]:

@@ -168,3 +168,34 @@ def test_root_refuses_a_store_a_user_owns(tmp: Path, unpriv_user) -> None:
     assert "root imports only into a store root owns" in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1
     assert not list((store / "layers").iterdir())
+
+
+# -- finding 3: image rm / gc keep the layers of a mounted image ------------------------
+
+
+@pytest.mark.parametrize("foreground", [True, False])
+def test_rm_of_a_mounted_image_keeps_its_layers(
+    tmp: Path, unionfs, monkeypatch: pytest.MonkeyPatch, foreground: bool
+) -> None:
+    import imagetools as it
+    from test_images import run_cli
+
+    layer = [{"name": "a", "type": "file", "data": b"payload\n"}]
+    it.make_layout(tmp / "oci", [layer])
+    store = tmp / "store"
+    assert run_cli("import", "-q", str(tmp / "oci"), "big", store=store).returncode == 0
+    monkeypatch.setenv("UNIONFS_STORE", str(store))
+    (tmp / "up").mkdir()
+    m = unionfs(["image:big"], tmp / "up", foreground=foreground)
+    r = run_cli("rm", "big", store=store)
+    assert r.returncode == 0, r.stderr
+    assert "removed big:latest" in r.stdout
+    assert "1 unused layers kept: mounted" in r.stdout
+    assert (m.mnt / "a").read_bytes() == b"payload\n"  # the reviewer saw ENOENT here
+    assert run_cli("ls", "--json", store=store).stdout.strip() == "[]"  # the name is gone
+    r = run_cli("gc", store=store)
+    assert "0 layers removed" in r.stdout and "kept: mounted" in r.stdout
+    m.close()
+    r = run_cli("gc", store=store)
+    assert "1 layers removed" in r.stdout, r.stdout
+    assert not list((store / "layers/sha256").iterdir())

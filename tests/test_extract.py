@@ -458,3 +458,14 @@ def test_whiteout_below_a_whited_out_directory(sandbox) -> None:
         ],
     )
     assert sorted(os.listdir(layer / "d")) == [".wh..wh..opq", ".wh.x"]
+
+
+def test_short_data_stream_is_a_layer_error(sandbox) -> None:
+    # The header says 10000 bytes, 2000 follow: tarfile raises ReadError from the
+    # member's read(), which must become the one-line LayerError too.
+    layer, _ = sandbox
+    ti = tarfile.TarInfo("big")
+    ti.size = 10000
+    data = ti.tobuf(tarfile.PAX_FORMAT) + b"x" * 2000
+    with pytest.raises(LayerError, match="corrupt tar: entry 'big'"):
+        extract(layer, data)

@@ -74,6 +74,14 @@ def option_words(read_only: bool = False, **options: object) -> list[str]:
             words.append(f"no{key}")
         else:
             text = os.fspath(value) if isinstance(value, os.PathLike) else str(value)
+            if text.endswith("\\") or "\\," in text:
+                # -o has no spelling for it: the backslash would escape the comma
+                # after it, and the next option would silently become part of this.
+                raise MountError(
+                    f"option {key}=: a backslash before a comma or at the end of"
+                    f" {text!r} cannot be passed with -o",
+                    2,
+                )
             words.append(f"{key}={text.replace(',', chr(92) + ',')}")
     return words
 
@@ -196,20 +204,17 @@ class Mount:
         """Unmount, lazily if busy, and reap the daemon; returns its exit status.
 
         A plain unmount ends the daemon by itself.  When the mount is busy (a
-        process has a file or its working directory in it) it is detached
-        instead and the daemon is told to stop: the programs still inside get
-        ENOTCONN, and no daemon stays behind serving them.  A second call does
-        nothing.
+        process has a file or its working directory in it) the daemon is told
+        to stop, and detaches it as it ends (a detach here first would make its
+        own fail, with an error on the caller's stderr): the programs still
+        inside get ENOTCONN, and no daemon stays behind serving them.  A second
+        call does nothing.
         """
         if self._done:
             return self.proc.wait()
         self._done = True
-        lazily = False
-        if self.is_mounted() and not _unmount(str(self.mountpoint), lazy=False):
-            lazily = True
-            if self.is_mounted():
-                _unmount(str(self.mountpoint), lazy=True)
-        code = _reap(self.proc, terminate=lazily)
+        busy = self.is_mounted() and not _unmount(str(self.mountpoint), lazy=False)
+        code = _reap(self.proc, terminate=busy)
         os.close(self._lifeline)
         if self.is_mounted():  # the daemon was killed before it could say goodbye
             _unmount(str(self.mountpoint), lazy=True)

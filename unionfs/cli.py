@@ -98,45 +98,28 @@ def resolve_images(cfg: MountConfig) -> None:
         raise ConfigError(str(e)) from None
 
 
-def _ready_fd(args: argparse.Namespace) -> int | None:
-    """The validated ``--ready-fd``, made non-inheritable.
+def _inherited_fd(args: argparse.Namespace, option: str) -> int | None:
+    """The validated descriptor of ``--ready-fd`` or ``--parent-fd``, made non-inheritable.
 
     A supervisor (unionfs.api) starts the daemon in the foreground, so the PID it
-    holds is the daemon's, and learns from this descriptor when the mount is
-    served.  No child of the daemon (fusermount3 may stay, with auto_unmount)
-    may hold it, or the reader would not see its end.
+    holds is the daemon's.  ``--ready-fd`` tells it when the mount is served;
+    ``--parent-fd`` is its lifeline: the API starts the daemon in a session of
+    its own (a Ctrl-C at the terminal must reach the program, not its
+    filesystem), so a SIGTERM or SIGKILL of the program's process group never
+    reaches the daemon, which must see the program's end another way.  No child
+    of the daemon (fusermount3 may stay, with auto_unmount) may hold either, or
+    the other end would not see it close.
     """
-    fd = args.ready_fd
+    fd = getattr(args, option.removeprefix("--").replace("-", "_"))
     if fd is None:
         return None
     if not (args.foreground or args.debug):
-        raise ConfigError("--ready-fd needs -f (without it, the exit status reports)", 2)
+        raise ConfigError(f"{option} needs -f (without it, the exit status reports)", 2)
     try:
         os.fstat(fd)
         os.set_inheritable(fd, False)
     except OSError as e:
-        raise ConfigError(f"--ready-fd {fd}: {e.strerror}", 2) from None
-    return fd
-
-
-def _parent_fd(args: argparse.Namespace) -> int | None:
-    """The validated ``--parent-fd``: the supervisor's lifeline, made non-inheritable.
-
-    The Python API starts the daemon in a session of its own (a Ctrl-C at the
-    terminal must reach the program, not its filesystem), so a SIGTERM or
-    SIGKILL of the program's process group does not reach the daemon: without
-    this, a killed program would leave its mount and daemon behind for good.
-    """
-    fd = args.parent_fd
-    if fd is None:
-        return None
-    if not (args.foreground or args.debug):
-        raise ConfigError("--parent-fd needs -f", 2)
-    try:
-        os.fstat(fd)
-        os.set_inheritable(fd, False)
-    except OSError as e:
-        raise ConfigError(f"--parent-fd {fd}: {e.strerror}", 2) from None
+        raise ConfigError(f"{option} {fd}: {e.strerror}", 2) from None
     return fd
 
 
@@ -394,8 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     given_fd = None
     try:
-        given_fd = _ready_fd(args)
-        parent_fd = _parent_fd(args)
+        given_fd = _inherited_fd(args, "--ready-fd")
+        parent_fd = _inherited_fd(args, "--parent-fd")
         cfg = _config(args)
         check_paths(cfg)
     except ConfigError as e:

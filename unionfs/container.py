@@ -233,7 +233,7 @@ def _image(ref: str) -> tuple[list[str], dict[str, Any]]:
     from .oci.layout import ImageError
 
     try:
-        image = Store.open().image(ref)
+        image = Store.open().hold(ref)  # gc keeps its layers while this process runs
     except ImageError as e:
         raise RunError(str(e)) from None
     return image.layers, image.config

@@ -117,7 +117,20 @@ class MountConfig:
             opts.add("ro")
         if self.debug:
             opts.add("debug")
+        if is_root and self._shows_other_owners():
+            from .ownership import confine_flags
+
+            opts = confine_flags(opts)
         return opts
+
+    def _shows_other_owners(self) -> bool:
+        """Owners/modes from metadata or mappings, shown by real root: nosuid,nodev forced."""
+        from .ownership import can_chown_freely, shows_other_owners
+
+        mapping = bool(self.uidmapping or self.gidmapping) or (
+            self.squash_uid is not None or self.squash_gid is not None
+        )
+        return can_chown_freely() and shows_other_owners(self.xattr_permissions, mapping, True)
 
 
 def split_lowerdirs(spec: str) -> list[str]:

@@ -578,6 +578,40 @@ class Presenter:
         write_override_xattr(dir_fd, name, Override(duid, dgid, perm, kind, rdev))
 
 
+def effective_xattr_permissions(requested: int | None, initial_root: bool) -> int | None:
+    """The ``xattr_permissions`` a mount uses: real root never trusts overrides by default.
+
+    An override is data: any user who owns a file (or a layer's root) can set
+    ``user.containers.override_stat`` on it.  A mount by root of the initial
+    user namespace is one whose setuid bits and device nodes the host kernel
+    honours, so a presented ``0:0:4755`` would hand that user real root.
+    Such a mount therefore reads no override unless asked (``2``), and then
+    it is made ``nosuid,nodev`` (see confine_flags).  A rootless mount is
+    nosuid,nodev anyway (fusermount3), and root of another user namespace is
+    confined by the kernel to that namespace: both keep the automatic rule.
+    """
+    if requested is None and initial_root:
+        return 0
+    return requested
+
+
+def shows_other_owners(
+    xattr_permissions: int | None, has_mapping: bool, initial_root: bool
+) -> bool:
+    """Can the mount show an owner or mode the object does not really have?"""
+    return effective_xattr_permissions(xattr_permissions, initial_root) == 2 or has_mapping
+
+
+def confine_flags(opts: set[str]) -> set[str]:
+    """A mount option set made ``nosuid,nodev``: what the kernel then enforces.
+
+    Owners and modes shown from metadata (or from an id mapping or squash:
+    ``squash_to_root`` shows a user's own ``u+s`` file as setuid root) must
+    never decide what the kernel executes as root or which device it opens.
+    """
+    return (opts - {"suid", "dev"}) | {"nosuid", "nodev"}
+
+
 def presenter_for(
     layer_fds: list[int],
     has_upper: bool,
@@ -587,10 +621,12 @@ def presenter_for(
     """The mount's Presenter, or None when ownership is plain (no cost at all).
 
     ``xattr_permissions`` None: overrides are read from the layers that carry
-    them (their root says so, fuse-overlayfs' rule); 2: also record them in
-    an upper without such lowers; 0: never.  Recording (chown/chmod/mknod
-    write metadata) happens only when the daemon cannot chown freely.
+    them (their root says so, fuse-overlayfs' rule), except for real root
+    (see effective_xattr_permissions); 2: also record them in an upper
+    without such lowers; 0: never.  Recording (chown/chmod/mknod write
+    metadata) happens only when the daemon cannot chown freely.
     """
+    xattr_permissions = effective_xattr_permissions(xattr_permissions, can_chown_freely())
     force = xattr_permissions == 2
     view = Presenter(
         layer_fds if xattr_permissions != 0 else [],

@@ -164,12 +164,20 @@ def _rm(store: Store, args: argparse.Namespace) -> int:
     removed, freed = store.gc(wait=True)
     if removed:
         print(f"{removed} layers no longer used removed ({_human(freed)})")
+    _report_in_use(store)
     return 0
+
+
+def _report_in_use(store: Store) -> None:
+    """Layers gc kept because a mount uses them (a later gc removes them)."""
+    if store.in_use:
+        print(f"{len(store.in_use)} unused layers kept: mounted (a later gc removes them)")
 
 
 def _gc(store: Store, args: argparse.Namespace) -> int:
     removed, freed = store.gc()
     print(f"{removed} layers removed ({_human(freed)})")
+    _report_in_use(store)
     return 0
 
 

@@ -30,9 +30,11 @@ import contextlib
 import errno
 import fcntl
 import json
+import logging
 import os
 import re
 import shutil
+import stat as stat_mod
 import tempfile
 import time
 import urllib.parse
@@ -42,9 +44,12 @@ from typing import IO, Any
 
 from ..oci import extract, layout
 from ..oci.layout import ImageError, Platform
+from ..ownership import can_chown_freely
 from ..syscalls import syncfs
 
 DEFAULT_TAG = "latest"
+
+log = logging.getLogger(__name__)
 
 
 class StoreError(ImageError):
@@ -138,6 +143,8 @@ class Store:
         #: (for a store bound for a filesystem without user xattrs, e.g. NFS);
         #: without it the table is used only where xattrs fail.
         self.side_table = False
+        #: diff_ids the last gc kept because a mount holds them.
+        self.in_use: list[str] = []
 
     @classmethod
     def open(cls, path: str | None = None, readonly: bool | None = None) -> Store:
@@ -229,12 +236,54 @@ class Store:
     def _writable(self) -> None:
         if self.readonly:
             raise StoreError(f"the store {self.root} is read-only")
+        if can_chown_freely():
+            self._make_private()
         for d in ("layers", "images", "tmp"):
             os.makedirs(self._p(d), exist_ok=True)  # the umask decides who may read
 
+    def _make_private(self) -> None:
+        """A store real root writes into holds real setuid-root files and device nodes.
+
+        Other users must not reach them (a 4755 root ``bin/su`` of an image in
+        a world-readable ``layers/`` gives anyone root; Docker keeps its store
+        0710/0700): ``layers/`` and ``tmp/`` are 0700, tightened with a
+        warning when they exist with wider modes, and every directory of the
+        store must belong to root (a user who owns one could rename a root-made
+        layer out of it).  Mounts are unaffected: the daemon reads as root.
+        """
+        os.makedirs(self.root, mode=0o700, exist_ok=True)
+        for d in ("", "layers", "tmp"):
+            path = self._p(d) if d else self.root
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(path, 0o700)
+            st = os.lstat(path)
+            if st.st_uid != 0 or not stat_mod.S_ISDIR(st.st_mode):
+                raise StoreError(
+                    f"{path} belongs to uid {st.st_uid}: root imports only into a store root owns"
+                    " (images imported as root have real setuid files and devices)"
+                )
+            if d and stat_mod.S_IMODE(st.st_mode) & 0o077:
+                os.chmod(path, 0o700)
+                log.warning(
+                    "%s was mode %04o: made 0700 (it holds real setuid files and devices)",
+                    path,
+                    stat_mod.S_IMODE(st.st_mode),
+                )
+
     @contextlib.contextmanager
-    def _lock(self, exclusive: bool, wait: bool = True) -> Iterator[None]:
-        fd = os.open(self._p("lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    def _lock(
+        self, exclusive: bool, wait: bool = True, readonly_ok: bool = False
+    ) -> Iterator[None]:
+        try:
+            fd = os.open(self._p("lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        except OSError:
+            if not readonly_ok:
+                raise
+            try:  # a read-only store: nobody gc's it from here, the lock is best effort
+                fd = os.open(self._p("lock"), os.O_RDONLY | os.O_CLOEXEC)
+            except OSError:
+                yield
+                return
         try:
             op = fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH
             try:
@@ -431,9 +480,33 @@ class Store:
         except FileNotFoundError:
             raise StoreError(f"no image {canonical(ref)!r} in the store {self.root}") from None
 
+    def hold(self, ref: str) -> Image:
+        """The image ``ref``, its layers kept from ``gc`` while this process lives.
+
+        For a mount: a shared flock on each layer's directory
+        (``layers/sha256/HEX``, opened O_RDONLY: it works on a read-only
+        store too), taken with the record read under the store lock, so that
+        a concurrent gc either ran before (the image is then missing or
+        whole) or sees the locks.  The descriptors stay open until the
+        process exits; a daemonizing mount's fork keeps them.  Where the
+        filesystem has no flock (ENOLCK, EOPNOTSUPP) nothing is held.
+        """
+        with self._lock(exclusive=False, readonly_ok=True):
+            image = self.image(ref)
+            for diff_id in image.diff_ids:
+                top = os.path.dirname(self.layer_dir(diff_id))
+                fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+                if _try_lock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB, unsupported=True):
+                    _HELD.append(fd)
+                else:
+                    os.close(fd)
+        return image
+
     def gc(self, wait: bool = False) -> tuple[int, int]:
         """Remove layers no image uses, and leftovers of interrupted imports.
 
+        Layers that a mount holds (``hold``) stay, listed in ``self.in_use``
+        after the call: the next gc after that mount ends removes them.
         Returns (layers removed, bytes freed).  A layer is first renamed into
         ``tmp/`` (one step) and deleted from there, so a crash mid-way never
         leaves a half-deleted layer where a mount would find it.
@@ -446,18 +519,47 @@ class Store:
         with self._lock(exclusive=True, wait=wait):
             used = {d for r in self.images() for d in r["layers"]}
             removed = freed = 0
+            self.in_use = []
             for diff_id in self.layers():
                 if diff_id in used:
                     continue
-                with contextlib.suppress(OSError, ValueError):
-                    freed += int(self.layer_info(diff_id).get("size", 0))
-                dead = tempfile.mkdtemp(prefix="gc-", dir=self._p("tmp"))
-                os.rename(os.path.dirname(self.layer_dir(diff_id)), os.path.join(dead, "layer"))
-                removed += 1
+                top = os.path.dirname(self.layer_dir(diff_id))
+                fd = os.open(top, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                try:
+                    if not _try_lock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB):
+                        self.in_use.append(diff_id)  # mounted: a later gc removes it
+                        continue
+                    with contextlib.suppress(OSError, ValueError):
+                        freed += int(self.layer_info(diff_id).get("size", 0))
+                    dead = tempfile.mkdtemp(prefix="gc-", dir=self._p("tmp"))
+                    os.rename(top, os.path.join(dead, "layer"))
+                    removed += 1
+                finally:
+                    os.close(fd)
             for name in os.listdir(self._p("tmp")):
                 shutil.rmtree(self._p("tmp", name), ignore_errors=True)
             # Layer dirs without layer.json (cannot happen but by hand): leave them.
             return removed, freed
+
+
+#: Layer directories this process holds (see Store.hold): open until it exits.
+_HELD: list[int] = []
+
+
+def _try_lock(fd: int, op: int, unsupported: bool = False) -> bool:
+    """flock; False when another process holds a conflicting lock.
+
+    ``unsupported``: the answer when the filesystem has no flock at all.
+    """
+    try:
+        fcntl.flock(fd, op)
+    except BlockingIOError:
+        return False
+    except OSError as e:
+        if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+            return unsupported
+        raise
+    return True
 
 
 def _umask() -> int:
@@ -507,7 +609,8 @@ def resolve_lowers(lowers: list[str], store_path: str | None = None) -> list[str
     for lower in lowers:
         if lower.startswith("image:"):
             store = store or Store.open(store_path)
-            out.extend(store.image(lower[len("image:") :]).layers)
+            image = store.hold(lower[len("image:") :])  # image rm / gc keep them while mounted
+            out.extend(image.layers)
         else:
             out.append(lower)
     return out

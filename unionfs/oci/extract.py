@@ -533,7 +533,10 @@ def extract_tar(
                 if ti is None:
                     break
                 data = tf.extractfile(ti) if ti.isreg() else None
-                ex.apply(ti, data)
+                try:
+                    ex.apply(ti, data)
+                except tarfile.ReadError as e:  # the entry's data ends early
+                    raise LayerError(f"corrupt tar: entry {ti.name!r}: {e}") from None
                 if on_entry is not None:
                     on_entry(ex.stats)
         ex.finish()

@@ -44,7 +44,8 @@ def parse_args(argv: list[str]) -> MountConfig:
         ),
         epilog=(
             "Options for -o: ro, workdir=DIR, timeout=S, entry_timeout=S, attr_timeout=S,"
-            " negative_timeout=S, whiteout=kernel|oci, nonempty, allow_other, noallow_other,"
+            " negative_timeout=S, whiteout=kernel|oci, metacopy=on|off, nonempty, allow_other,"
+            " noallow_other,"
             " fsname=NAME, lowerdir=L1:L2, upperdir=DIR, and the mount flags nosuid, nodev,"
             " noexec, noatime, ... (see README). Unmount with: fusermount3 -u MNT"
         ),

@@ -159,7 +159,7 @@ def print_list() -> None:
     print("targets:", DEFAULT_TARGETS)
     print("workloads:")
     for w in WORKLOADS:
-        kind = "mutating" if w.mutates else "read-only"
+        kind = "start-up" if w.startup else "mutating" if w.mutates else "read-only"
         print(f"  {w.name:18} {kind:9}  {w.summary}")
 
 
@@ -252,6 +252,26 @@ def mutating(run: Run, rnd: int, w: Workload, target: Target) -> None:
             os.sync()  # this run's write-back must not land in the next measurement
 
 
+def startup(run: Run, rnd: int, w: Workload, target: Target) -> None:
+    """Time the mount itself: from the exec of the mount command (or of nothing, for native)
+    to the first LOOKUP through the mount answered.  Cold: caches dropped first, so the
+    daemon's program and modules come from the disk, as after a boot; warm: right again."""
+    for phase in ("cold", "warm"):
+        run.phase = phase
+        if phase == "cold":
+            drop_caches(run.drop)
+        before = drop_counter()
+        t0 = time.perf_counter()
+        with targets.mounted(target, run.tree, run.scratch, fresh=False) as m:
+            os.stat(m.path / targets.PROBE)
+            seconds = time.perf_counter() - t0
+        disturbed = drop_counter() != before
+        run.measurements.append(
+            Measurement(rnd, w.name, phase, target.name, seconds, None, disturbed)
+        )
+        print(f"  {w.name:17} {phase:4} {target.name:15} {seconds:9.3f} s", flush=True)
+
+
 def ctx(run: Run, m: Mount) -> Ctx:
     return Ctx(m.path, run.tree.manifest, run.counts, run.args.timeout)
 
@@ -270,7 +290,8 @@ def measure(run: Run, rnd: int, w: Workload, target: Target) -> None:
     """Every phase of one workload on one target; failures are recorded, not raised."""
     run.phase = "cold"
     try:
-        (mutating if w.mutates else read_only)(run, rnd, w, target)
+        kind = startup if w.startup else mutating if w.mutates else read_only
+        kind(run, rnd, w, target)
     except MountError as e:
         run.broken.add(target.name)
         fail(run, Failure(rnd, "mount", "-", target.name, str(e)))
@@ -414,6 +435,8 @@ def main(argv: list[str] | None = None) -> int:
         print("no target can run here", file=sys.stderr)
         return 1
     lock_workdir(args.workdir)  # before the try: never clean up another run's mounts
+    for target in chosen:
+        target.prepare_run()
     try:
         run = setup(args)
         status = measure_and_report(run, chosen, skipped, workloads)

@@ -61,7 +61,7 @@ def test_forms():
         (["l", "u", "m"], ["spin_us=-5"], "spin_us= needs a whole number"),
         (["l", "u", "m"], ["spin_us=2000000"], "spin_us= needs a whole number"),
         (["m"], ["upperdir=u"], "needs -o lowerdir"),
-        (["a", "m"], ["lowerdir=l"], "only the mount point"),
+        (["a", "b", "m"], ["lowerdir=l"], "only [SOURCE] MNT"),
         (["a", "b", "c", "d"], [], "usage"),
         (["l", "m"], ["workdir=w"], "needs an upper"),
         (["l", "m"], ["volatile"], "volatile needs a writable upper"),

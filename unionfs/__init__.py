@@ -25,3 +25,20 @@ def _preload_dircache() -> None:
 
 
 _preload_dircache()
+
+
+#: Names of the Python API (unionfs/api.py), imported on first use: ``import unionfs``
+#: stays as cheap as it is for the tools that never mount.
+_API = frozenset({"mounted", "mount", "Mount", "MountError"})
+
+
+def __getattr__(name: str) -> object:
+    if name in _API:
+        from . import api
+
+        return getattr(api, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_API])

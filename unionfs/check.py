@@ -111,6 +111,11 @@ def _check_entry(dirpath: str, name: str, names: set[str], st: os.stat_result) -
             yield Problem(path, f"{xname.decode()} on a non-directory", _remove_xattr(path, xname))
         elif xname in markers.OPAQUE_XATTRS and value[:1] not in (b"y", b"x", b"n"):
             yield Problem(path, f"{xname.decode()} has value {value!r}", _remove_xattr(path, xname))
+        elif xname in markers.METACOPY_XATTRS and not stat_mod.S_ISREG(st.st_mode):
+            yield Problem(path, f"{xname.decode()} on a non-file", _remove_xattr(path, xname))
+        elif xname in markers.METACOPY_XATTRS and not markers.valid_metacopy_value(value):
+            # Removing it would show the sparse upper's zeros: only a person decides.
+            yield Problem(path, f"{xname.decode()} has malformed value {value!r}", None)
         elif xname.endswith((b"overlay.unionfs.origin", b"overlay.unionfs.lowerlinks")) and (
             not value.isdigit()
         ):

@@ -12,7 +12,6 @@ import argparse
 import contextlib
 import errno
 import logging
-import logging.handlers
 import os
 import resource
 import signal
@@ -35,7 +34,7 @@ from .upper import Upper
 log = logging.getLogger("unionfs")
 
 
-def parse_args(argv: list[str]) -> MountConfig:
+def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="unionfs-mount",
         description=(
@@ -45,17 +44,83 @@ def parse_args(argv: list[str]) -> MountConfig:
         epilog=(
             "Options for -o: ro, workdir=DIR, timeout=S, entry_timeout=S, attr_timeout=S,"
             " negative_timeout=S, whiteout=kernel|oci, nonempty, allow_other, noallow_other,"
-            " fsname=NAME, lowerdir=L1:L2, upperdir=DIR, and the mount flags nosuid, nodev,"
-            " noexec, noatime, ... (see README). Unmount with: fusermount3 -u MNT"
+            " fsname=NAME, lowerdir=L1:L2, upperdir=DIR, uidmapping=C:H:S, gidmapping=C:H:S,"
+            " squash_to_root, squash_to_uid=U, squash_to_gid=G, xattr_permissions=0|2, and the"
+            " mount flags nosuid, nodev, noexec, noatime, ... (see README). LOWER may be"
+            " image:NAME[:TAG], an image of the store (unionfs image). With -o lowerdir= the"
+            " form is [SOURCE] MNT, as mount(8) runs it (mount -t fuse.unionfs-mount SOURCE MNT"
+            " -o lowerdir=...). Unmount with: fusermount3 -u MNT"
         ),
     )
     parser.add_argument("paths", nargs="+", metavar="LOWER1[:LOWER2...] [UPPER] MNT")
     parser.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground")
     parser.add_argument("-d", "--debug", action="store_true", help="log every request (implies -f)")
     parser.add_argument("-o", dest="options", action="append", default=[], metavar="OPT[,OPT...]")
+    parser.add_argument(
+        "--ready-fd",
+        type=int,
+        metavar="N",
+        help="with -f: write OK (or the start-up error) to inherited descriptor N once the"
+        " mount answers, then close it",
+    )
+    parser.add_argument(
+        "--parent-fd",
+        type=int,
+        metavar="N",
+        help="with -f: unmount (lazily) and exit once inherited descriptor N, the read end of a"
+        " pipe its supervisor holds, reaches end of file (the supervisor ended)",
+    )
     parser.add_argument("--version", action="version", version=f"unionfs {__version__}")
-    args = parser.parse_args(argv)
-    return build_config(args.paths, args.options, args.foreground or args.debug, args.debug)
+    return parser
+
+
+def parse_args(argv: list[str]) -> MountConfig:
+    return _config(_parser().parse_args(argv))
+
+
+def _config(args: argparse.Namespace) -> MountConfig:
+    cfg = build_config(args.paths, args.options, args.foreground or args.debug, args.debug)
+    resolve_images(cfg)
+    return cfg
+
+
+def resolve_images(cfg: MountConfig) -> None:
+    """``image:NAME[:TAG]`` lowers become the image's layer dirs from the store
+    (``$UNIONFS_STORE`` or the default one); plain directories stay."""
+    if not any(lower.startswith("image:") for lower in cfg.lowers):
+        return
+    from .image.store import resolve_lowers
+    from .oci.layout import ImageError
+
+    try:
+        cfg.lowers = resolve_lowers(cfg.lowers)
+    except ImageError as e:
+        raise ConfigError(str(e)) from None
+
+
+def _inherited_fd(args: argparse.Namespace, option: str) -> int | None:
+    """The validated descriptor of ``--ready-fd`` or ``--parent-fd``, made non-inheritable.
+
+    A supervisor (unionfs.api) starts the daemon in the foreground, so the PID it
+    holds is the daemon's.  ``--ready-fd`` tells it when the mount is served;
+    ``--parent-fd`` is its lifeline: the API starts the daemon in a session of
+    its own (a Ctrl-C at the terminal must reach the program, not its
+    filesystem), so a SIGTERM or SIGKILL of the program's process group never
+    reaches the daemon, which must see the program's end another way.  No child
+    of the daemon (fusermount3 may stay, with auto_unmount) may hold either, or
+    the other end would not see it close.
+    """
+    fd = getattr(args, option.removeprefix("--").replace("-", "_"))
+    if fd is None:
+        return None
+    if not (args.foreground or args.debug):
+        raise ConfigError(f"{option} needs -f (without it, the exit status reports)", 2)
+    try:
+        os.fstat(fd)
+        os.set_inheritable(fd, False)
+    except OSError as e:
+        raise ConfigError(f"{option} {fd}: {e.strerror}", 2) from None
+    return fd
 
 
 def _session_helper() -> Any:
@@ -103,7 +168,9 @@ def _setup_logging(cfg: MountConfig, daemon: bool) -> None:
     level = logging.DEBUG if cfg.debug else logging.INFO
     handler: logging.Handler
     if daemon and os.path.exists("/dev/log"):
-        handler = logging.handlers.SysLogHandler(address="/dev/log")
+        from logging.handlers import SysLogHandler  # a daemon's only: not on every start
+
+        handler = SysLogHandler(address="/dev/log")
         handler.setFormatter(logging.Formatter("unionfs[%(process)d]: %(message)s"))
     elif daemon:
         handler = logging.NullHandler()
@@ -116,8 +183,9 @@ def _setup_logging(cfg: MountConfig, daemon: bool) -> None:
 class Daemon:
     """One mounted union: builds the operations, serves, and tears down."""
 
-    def __init__(self, cfg: MountConfig) -> None:
+    def __init__(self, cfg: MountConfig, parent_fd: int | None = None) -> None:
         self.cfg = cfg
+        self.parent_fd = parent_fd
         self.stopped_by_signal = False
 
     def mount(self) -> None:
@@ -134,7 +202,17 @@ class Daemon:
             if cfg.upper is not None and not cfg.read_only:
                 assert cfg.workdir is not None
                 writer = Writer(cfg.whiteout, ns)
-                self.copyup = CopyUp(self.stack, cfg.workdir, writer, durable=not cfg.volatile)
+                self.copyup = CopyUp(
+                    self.stack,
+                    cfg.workdir,
+                    writer,
+                    durable=not cfg.volatile,
+                    metacopy=cfg.metacopy,
+                )
+                if cfg.identities:
+                    from .identity import IdentityLog
+
+                    self.copyup.on_replace = IdentityLog(cfg.workdir).record
                 work_fd = self.copyup.work_fd
                 if writer.fmt == "kernel" and not (
                     probe_whiteout(work_fd) and probe_opaque(writer, work_fd)
@@ -173,10 +251,29 @@ class Daemon:
 
     async def _serve(self, ready_fd: int | None) -> None:
         async with trio.open_nursery() as nursery:
+            if self.cfg.live:
+                from .watch import LowerWatch
+
+                nursery.start_soon(LowerWatch(self.ops).run)
             nursery.start_soon(self._watch_signals)
             nursery.start_soon(self._when_ready, ready_fd)
+            if self.parent_fd is not None:
+                nursery.start_soon(self._watch_parent, self.parent_fd)
             await pyfuse3.main()
             nursery.cancel_scope.cancel()
+
+    async def _watch_parent(self, fd: int) -> None:
+        """Unmount, as on SIGTERM, once the supervisor's end of the lifeline is closed."""
+        while True:
+            await trio.lowlevel.wait_readable(fd)
+            try:
+                if not os.read(fd, 4096):
+                    break
+            except BlockingIOError:
+                continue
+        log.info("the supervisor ended: unmounting")
+        self.stopped_by_signal = True
+        pyfuse3.terminate()
 
     async def _when_ready(self, ready_fd: int | None) -> None:
         """Once a stat through the mount answers: tune it, and tell a waiting parent."""
@@ -277,11 +374,19 @@ def _daemonize() -> int | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
+    given_fd = None
     try:
-        cfg = parse_args(sys.argv[1:] if argv is None else argv)
+        given_fd = _inherited_fd(args, "--ready-fd")
+        parent_fd = _inherited_fd(args, "--parent-fd")
+        cfg = _config(args)
         check_paths(cfg)
     except ConfigError as e:
-        print(f"unionfs-mount: {e}", file=sys.stderr)
+        if given_fd is None:
+            print(f"unionfs-mount: {e}", file=sys.stderr)
+        else:  # the one waiting on the descriptor reports it
+            os.write(given_fd, str(e).encode())
+            os.close(given_fd)
         return e.code
 
     _raise_fd_limit()
@@ -292,9 +397,9 @@ def main(argv: list[str] | None = None) -> int:
     # New objects get exactly the mode the kernel sends, less the caller's umask
     # (operations.py), never the daemon's own.
     os.umask(0)
-    ready_fd = None if cfg.foreground else _daemonize()
-    _setup_logging(cfg, daemon=ready_fd is not None)
-    daemon = Daemon(cfg)
+    ready_fd = given_fd if cfg.foreground else _daemonize()
+    _setup_logging(cfg, daemon=not cfg.foreground)
+    daemon = Daemon(cfg, parent_fd)
     try:
         if cfg.workdir is not None:
             os.makedirs(cfg.workdir, mode=0o700, exist_ok=True)

@@ -33,11 +33,15 @@ class Subcommand(NamedTuple):
 SUBCOMMANDS: dict[str, Subcommand] = {
     "mount": Subcommand("unionfs.cli", "mount a union (the same as unionfs-mount)"),
     "check": Subcommand("unionfs.check", "check or repair an upper (the same as unionfs-check)"),
+    "image": Subcommand("unionfs.image.cli", "import, list, inspect, remove images in the store"),
     "diff": Subcommand("unionfs.changes.diff", "what an upper changes over its lowers (A/C/D)"),
     "export-layer": Subcommand("unionfs.changes.export", "write an upper as an OCI layer tar"),
     "apply": Subcommand("unionfs.changes.apply", "apply an upper's changes onto a directory"),
     "squash": Subcommand("unionfs.changes.squash", "flatten a range of layers into one"),
     "convert": Subcommand("unionfs.changes.convert", "rewrite a layer's markers in another format"),
+    "run": Subcommand("unionfs.container", "run a command in an image, rootless"),
+    "sandbox": Subcommand("unionfs.sandbox", "run a program over your home; review, keep or drop"),
+    "stats": Subcommand("unionfs.stats", "requests, latencies, cache hits and memory of a mount"),
 }
 
 

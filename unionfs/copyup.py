@@ -25,6 +25,7 @@ import logging
 import os
 import shutil
 import stat as stat_mod
+from collections.abc import Callable
 
 import trio
 
@@ -109,12 +110,19 @@ class CopyUp:
     """Copies lower objects into the upper, through the work directory."""
 
     def __init__(
-        self, stack: LayerStack, workdir: str, writer: Writer, durable: bool = True
+        self,
+        stack: LayerStack,
+        workdir: str,
+        writer: Writer,
+        durable: bool = True,
+        metacopy: bool = False,
     ) -> None:
         assert stack.upper is not None
         self.stack = stack
         self.writer = writer
         self.durable = durable
+        #: Copy only metadata for metadata changes (``-o metacopy=on``).
+        self.metacopy = metacopy
         work = os.path.join(workdir, "work")
         os.makedirs(work, mode=0o700, exist_ok=True)
         self.work_dir = os.fsencode(work)
@@ -126,7 +134,15 @@ class CopyUp:
         stack.lower_links_xattr = writer.lower_links_xattr
         self._names = itertools.count()
         self._locks: dict[int, trio.Lock] = {}
+        #: Called with (merged path, lower lstat) just before a lower object is
+        #: replaced in the upper (copy-up here, whiteout in upper.py): -o
+        #: identities records it, for the conflict check of sandbox commit.
+        self.on_replace: Callable[[tuple[bytes, ...], os.stat_result], None] | None = None
         self.clean()
+
+    def replaced(self, path: tuple[bytes, ...], st: os.stat_result) -> None:
+        if self.on_replace is not None:
+            self.on_replace(path, st)
 
     def close(self) -> None:
         os.close(self.work_fd)
@@ -209,6 +225,7 @@ class CopyUp:
                 return
             path = node.path()
             st = self.stack.stat_dir(node.dir_layers[0], path)
+            self.replaced(path, st)
             tmp = self.temp_name()
             os.mkdir(tmp, 0o700, dir_fd=self.work_fd)
             try:
@@ -223,23 +240,82 @@ class CopyUp:
             node.xattrs = None  # what could be copied may differ (rootless)
 
     @changes_upper
-    async def copy_up(self, node: Node, with_data: bool = True) -> None:
-        """Bring non-directory ``node`` into the upper (no-op if it is there)."""
+    async def copy_up(self, node: Node, with_data: bool = True, meta_only: bool = False) -> None:
+        """Bring non-directory ``node`` into the upper, with its data unless told not.
+
+        ``with_data=False``: the caller truncates it to zero, no data is needed.
+        ``meta_only``: only metadata changes (chmod, chown, utimes, xattrs); with
+        ``-o metacopy=on`` a lone regular file is then copied as metadata only,
+        its data left in the lower until a write needs it.  A metacopy file
+        already in the upper gets its data here when ``with_data`` and not
+        ``meta_only``.
+        """
         if node.is_dir:
             await self.ensure_dir(node)
             return
-        if node.layer == 0:
+        if node.layer == 0 and not (node.metacopy and not meta_only):
             return
-        if node.unlinked:
+        if node.unlinked and node.layer != 0:
             raise OSError(errno.ESTALE, "a deleted lower object cannot be copied up")
         assert node.parent is not None
         await self.ensure_dir(node.parent)
         async with self._lock(node):
             if node.layer == 0:
+                if node.metacopy and not meta_only:
+                    await self._complete(node, with_data)
                 return
-            await self._copy_nondir(node, with_data)
+            meta = meta_only and self.metacopy
+            await self._copy_nondir(node, with_data, meta)
             node.layer = 0
             node.xattrs = None  # what could be copied may differ (rootless)
+
+    async def _complete(self, node: Node, with_data: bool) -> None:
+        """Give a metacopy upper file its data, in place, then drop its marker.
+
+        The marker goes last: until then the data is read from the lower, so
+        a crash half way through the copy shows nothing partial (as the
+        kernel's own order).  Without ``with_data`` (a truncation to zero
+        follows) the file is emptied instead of filled.
+        """
+        assert node.parent is not None and node.parent.dir_layers is not None
+        dirpath, name = node.dirpath(), node.name
+        dst = os.open(
+            name,
+            os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC | (0 if with_data else os.O_TRUNC),
+            dir_fd=self.stack.dirfd(0, dirpath),
+        )
+        try:
+            if with_data:
+                below = tuple(layer for layer in node.parent.dir_layers if layer != 0)
+                layer, ddir, dname, _ = self.stack.metacopy_data(
+                    dirpath, name, below, node.parent.xwh_layers
+                )
+                size = os.fstat(dst).st_size
+                src = os.open(
+                    dname,
+                    os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                    dir_fd=self.stack.dirfd(layer, ddir),
+                )
+                try:
+                    big = size > THREAD_THRESHOLD
+                    if big:
+                        await trio.to_thread.run_sync(copy_data, src, dst, size)
+                    else:
+                        copy_data(src, dst, size)
+                    if self.durable and big:
+                        await trio.to_thread.run_sync(os.fsync, dst)
+                    elif self.durable:
+                        os.fsync(dst)
+                finally:
+                    os.close(src)
+            path = b"/proc/self/fd/%d" % dst
+            for xattr in markers.METACOPY_XATTRS:
+                with contextlib.suppress(OSError):
+                    os.removexattr(path, xattr)
+        finally:
+            os.close(dst)
+        node.metacopy = False
+        node.xattrs = None
 
     def link_indexed(self, node: Node) -> bool:
         """Link the indexed copy of a hard-linked lower file in at ``node``'s name.
@@ -268,18 +344,21 @@ class CopyUp:
             left = None  # no count kept (e.g. user xattrs on a symlink): report the real one
         node.lower_links = left
 
-    async def _copy_nondir(self, node: Node, with_data: bool) -> None:
+    async def _copy_nondir(self, node: Node, with_data: bool, meta: bool = False) -> None:
         layer, dirpath, name = node.layer, node.dirpath(), node.name
         src_dir = self.stack.dirfd(layer, dirpath)
         st = os.stat(name, dir_fd=src_dir, follow_symlinks=False)
+        self.replaced((*dirpath, name), st)
         hardlinked = st.st_nlink > 1
         if hardlinked and self.link_indexed(node):
             return
+        # Hard-linked files are copied whole: their copy is shared through the index.
+        meta = meta and with_data and not hardlinked and stat_mod.S_ISREG(st.st_mode)
         tmp = self.temp_name()
         try:
             origin = node.ino
             if stat_mod.S_ISREG(st.st_mode):
-                await self._copy_file(src_dir, name, tmp, st, with_data, origin)
+                await self._copy_file(src_dir, name, tmp, st, with_data and not meta, origin, meta)
             else:
                 if stat_mod.S_ISLNK(st.st_mode):
                     os.symlink(os.readlink(name, dir_fd=src_dir), tmp, dir_fd=self.work_fd)
@@ -310,6 +389,7 @@ class CopyUp:
             with contextlib.suppress(OSError):
                 os.unlink(tmp, dir_fd=self.work_fd)
             raise
+        node.metacopy = meta
 
     async def _copy_file(
         self,
@@ -319,7 +399,14 @@ class CopyUp:
         st: os.stat_result,
         with_data: bool,
         origin: int | None,
+        meta: bool = False,
     ) -> None:
+        """Build the copy of a regular file in the work dir.
+
+        ``meta``: a metadata-only copy, kernel overlayfs' format: a sparse file
+        of the lower's size, marked with the ``overlay.metacopy`` xattr (empty
+        value); its data stays in the lower.
+        """
         src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_dir)
         try:
             dst = os.open(
@@ -330,7 +417,11 @@ class CopyUp:
                     await trio.to_thread.run_sync(copy_data, src, dst, st.st_size)
                 elif with_data:
                     copy_data(src, dst, st.st_size)
+                elif meta:
+                    os.ftruncate(dst, st.st_size)
                 self.set_meta(tmp, st, b"/proc/self/fd/%d" % src, origin)
+                if meta:
+                    os.setxattr(b"/proc/self/fd/%d" % dst, self.writer.metacopy_xattr, b"")
                 if not self.durable:
                     return
                 if with_data and st.st_size > THREAD_THRESHOLD:

@@ -57,6 +57,7 @@ class Node:
         "listing",
         "listing_gen",
         "lower_links",
+        "metacopy",
         "name",
         "nlookup",
         "parent",
@@ -99,6 +100,8 @@ class Node:
         #: are not linked to the copy yet (None for everything else).  The
         #: copy's own link count includes the index link, and misses those.
         self.lower_links = entry.lower_links
+        #: An upper file holding metadata only; its data is read from below.
+        self.metacopy = entry.metacopy
         #: Names of the object's visible xattrs, read once (None: not read yet);
         #: dropped whenever the union changes them (setxattr, copy-up).
         self.xattrs: frozenset[bytes] | None = None

@@ -92,6 +92,8 @@ class Entry:
     ino_st: os.stat_result | None = None
     origin: int | None = None
     lower_links: int | None = None
+    #: An upper regular file holding metadata only: its data is a lower file's.
+    metacopy: bool = False
 
     @property
     def is_dir(self) -> bool:
@@ -227,6 +229,12 @@ class LayerStack:
             _, dropped = self._names.popitem(last=False)
             self._names_total -= len(dropped)
 
+    def forget_names(self, layer: int, path: Path) -> None:
+        """Drop a lower directory's remembered names (it changed: -o live)."""
+        old = self._names.pop((layer, path), None)
+        if old is not None:
+            self._names_total -= len(old)
+
     def _names_of(self, layer: int, path: Path, build: bool) -> frozenset[bytes] | None:
         names = self._names.get((layer, path))
         if names is not None:
@@ -287,9 +295,17 @@ class LayerStack:
             return None
 
     def nondir_entry(self, layer: int, dirpath: Path, name: bytes, st: os.stat_result) -> Entry:
-        """The Entry of a non-directory found at ``layer``."""
-        origin = self.origin_of(dirpath, name, None) if layer == 0 and self.upper else None
-        entry = Entry(layer, st, ino_layer=layer, ino_st=st, origin=origin)
+        """The Entry of a non-directory found at ``layer``.
+
+        An upper object's xattrs are listed once: they say where its number
+        came from (origin) and whether it holds metadata only (metacopy).
+        """
+        origin, metacopy = None, False
+        if layer == 0 and self.upper is not None:
+            xnames = self.listxattr(0, dirpath, name)
+            origin = self.origin_of(dirpath, name, xnames)
+            metacopy = markers.metacopy_marker(st.st_mode, xnames) is not None
+        entry = Entry(layer, st, ino_layer=layer, ino_st=st, origin=origin, metacopy=metacopy)
         if origin is not None and st.st_nlink > 1 and self.lower_links_xattr is not None:
             value = self.getxattr(0, dirpath, name, self.lower_links_xattr)
             entry.lower_links = int(value) if value and value.isdigit() else None
@@ -306,14 +322,27 @@ class LayerStack:
         return True
 
     def dir_opacity(self, layer: int, path: Path, names: list[bytes] | None = None) -> Opacity:
-        """Opacity of one layer's copy of a directory, from xattrs or the OCI marker."""
-        if names is None:
-            names = self.listxattr(layer, path)
-        opacity = markers.opacity_from_xattrs(names, lambda x: self.getxattr(layer, path, None, x))
-        if opacity is Opacity.OPAQUE:
-            return opacity
-        if self.lstat(layer, path, markers.OPAQUE_NAME) is not None:
-            return Opacity.OPAQUE
+        """Opacity of one layer's copy of a directory, from xattrs or the OCI marker.
+
+        A copy the daemon may not read or search (a root-owned 0700 directory
+        in a rootless mount) cannot be probed: it counts as merging.  That
+        decides nothing anyone can observe, since listing it or looking a name
+        up in it fails with EACCES on that copy anyway; failing here instead
+        would fail the lookup of the directory itself, and with it the listing
+        of its parent (issue 15).
+        """
+        try:
+            if names is None:
+                names = self.listxattr(layer, path)
+            opacity = markers.opacity_from_xattrs(
+                names, lambda x: self.getxattr(layer, path, None, x)
+            )
+            if opacity is Opacity.OPAQUE:
+                return opacity
+            if self.lstat(layer, path, markers.OPAQUE_NAME) is not None:
+                return Opacity.OPAQUE
+        except PermissionError:
+            return Opacity.MERGE
         return opacity
 
     def has_oci_whiteout(self, layer: int, dirpath: Path, name: bytes) -> bool:
@@ -417,6 +446,63 @@ class LayerStack:
                 seen[name] = (layer, is_dir)
             hidden.update(hides_below)
         return [(name, layer, is_dir) for name, (layer, is_dir) in seen.items()]
+
+    # -- metadata-only copies --------------------------------------------------
+
+    def lower_dir(self, path: Path) -> tuple[tuple[int, ...], frozenset[int]]:
+        """The lower layers (and xattr-whiteout layers) of merged directory ``path``,
+        walked from the root through the lowers only; ``()`` when it is not a
+        directory there."""
+        layers = tuple(layer.index for layer in self.layers if not layer.writable)
+        xwh: frozenset[int] = frozenset()
+        for i in range(len(path)):
+            if not layers:
+                break
+            entry = self.lookup(path[:i], layers, xwh, path[i])
+            if entry is None or entry.dir_layers is None:
+                return (), frozenset()
+            layers, xwh = entry.dir_layers, entry.xwh_layers
+        return layers, xwh
+
+    def metacopy_data(
+        self, dirpath: Path, name: bytes, below: tuple[int, ...], xwh: frozenset[int]
+    ) -> tuple[int, Path, bytes, os.stat_result]:
+        """Where the data of metacopy upper file ``dirpath/name`` lives:
+        (layer, directory, name, lstat) of a regular lower file.
+
+        ``below`` are the lower layers of its parent.  A redirect xattr (kernel
+        overlayfs writes one when it renames a metacopy file) names another
+        path; without one the data is the same path's in the layers below, as
+        in kernel overlayfs.  No such lower file: EIO, as the kernel answers.
+        """
+        target: Path = (*dirpath, name)
+        xnames = self.listxattr(0, dirpath, name)
+        redirect = next((x for x in markers.REDIRECT_XATTRS if x in xnames), None)
+        if redirect is not None:
+            value = self.getxattr(0, dirpath, name, redirect) or b""
+            found = markers.redirect_path(value, dirpath)
+            if found is None:
+                raise OSError(errno.EIO, f"malformed {redirect.decode()} {value!r}")
+            target = found
+            below, xwh = self.lower_dir(target[:-1])
+        entry = self.lookup(target[:-1], below, xwh, target[-1]) if below else None
+        if entry is None or not stat_mod.S_ISREG(entry.st.st_mode):
+            raise OSError(errno.EIO, "the lower data of a metacopy file is missing")
+        return entry.layer, target[:-1], target[-1], entry.st
+
+    def open_metacopy_data(
+        self,
+        dirpath: Path,
+        name: bytes,
+        parent_layers: tuple[int, ...],
+        xwh: frozenset[int],
+        flags: int,
+    ) -> int:
+        """Open the lower data of metacopy upper file ``dirpath/name`` for reading."""
+        below = tuple(i for i in parent_layers if not self.layers[i].writable)
+        layer, ddir, dname, _ = self.metacopy_data(dirpath, name, below, xwh)
+        keep = flags & (os.O_ACCMODE | os.O_NOATIME)
+        return os.open(dname, keep | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.dirfd(layer, ddir))
 
     def root_entry(self) -> Entry:
         """The merged root: every layer's root merges.

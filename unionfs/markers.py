@@ -34,6 +34,15 @@ OPAQUE_XATTRS = (
 #: directory whose ``overlay.opaque`` is ``x`` (the kernel's rule).
 WHITEOUT_XATTRS = (b"trusted.overlay.whiteout", b"user.overlay.whiteout")
 
+#: A regular file in the upper carrying one of these holds metadata only: its
+#: data is the lower file's (kernel overlayfs' ``metacopy=on``).  The value is
+#: empty, or the kernel's v2 form (version, length, flags, fs-verity digest).
+METACOPY_XATTRS = (b"trusted.overlay.metacopy", b"user.overlay.metacopy")
+#: Where kernel overlayfs records the lower path of a renamed metacopy file
+#: (absolute from the layer root when it starts with ``/``, else a name in the
+#: same directory).
+REDIRECT_XATTRS = (b"trusted.overlay.redirect", b"user.overlay.redirect")
+
 #: Xattr namespaces owned by union filesystems: hidden from the merged view and
 #: refused when a user tries to set them through the mount.
 PRIVATE_XATTR_PREFIXES = (b"trusted.overlay.", b"user.overlay.", b"user.fuseoverlayfs.")
@@ -117,6 +126,40 @@ def is_xattr_whiteout(st_mode: int, st_size: int, xattr_names: Iterable[bytes]) 
     return any(x in WHITEOUT_XATTRS for x in xattr_names)
 
 
+def metacopy_marker(st_mode: int, xattr_names: Iterable[bytes]) -> bytes | None:
+    """The metacopy xattr a regular file carries (None: its data is its own)."""
+    if not stat_mod.S_ISREG(st_mode):
+        return None
+    present = set(xattr_names)
+    return next((x for x in METACOPY_XATTRS if x in present), None)
+
+
+def valid_metacopy_value(value: bytes) -> bool:
+    """Is this a metacopy value kernel overlayfs accepts? Empty, or its v2 form:
+    version 0, a length byte equal to the value's length (4 header bytes, then
+    an optional fs-verity digest of at most 64 bytes), flags, digest algorithm."""
+    if not value:
+        return True
+    return 4 <= len(value) <= 68 and value[0] == 0 and value[1] == len(value)
+
+
+def redirect_path(value: bytes, dirpath: tuple[bytes, ...]) -> tuple[bytes, ...] | None:
+    """The merged path a redirect xattr names, or None when it is malformed.
+
+    Absolute values (``/a/b``) count from the root, relative ones are a name in
+    ``dirpath``; empty components, ``.`` and ``..`` are refused, so a redirect
+    can never climb out of the layers.
+    """
+    if not value:
+        return None
+    parts = value.strip(b"/").split(b"/") if value.startswith(b"/") else [value]
+    if any(p in (b"", b".", b"..") or b"\0" in p for p in parts):
+        return None
+    if not value.startswith(b"/") and len(parts) != 1:
+        return None
+    return tuple(parts) if value.startswith(b"/") else (*dirpath, parts[0])
+
+
 def is_private_xattr(name: bytes) -> bool:
     """True for union-owned xattrs, which the merged view neither shows nor sets."""
     return name.startswith(PRIVATE_XATTR_PREFIXES)
@@ -150,6 +193,9 @@ class Writer:
         #: On an indexed copy of a hard-linked lower file: its lower names not
         #: linked to the copy yet, so that st_nlink counts every merged name.
         self.lower_links_xattr = xattr_ns + b"overlay.unionfs.lowerlinks"
+        #: Marks a metadata-only copy (see METACOPY_XATTRS); written only by root
+        #: mounts with ``-o metacopy=on``, the only kind the kernel can read.
+        self.metacopy_xattr = xattr_ns + b"overlay.metacopy"
 
     def make_whiteout(self, dir_fd: int, name: bytes) -> None:
         """Create a whiteout for ``name`` in the directory ``dir_fd``."""

@@ -16,13 +16,14 @@ import functools
 import logging
 import os
 import stat as stat_mod
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import pyfuse3
 
-from . import markers
+from . import markers, ownership, stats
 from .inodes import InodeTable, Node
 from .layers import Entry, LayerStack
 from .options import MountConfig
@@ -42,10 +43,17 @@ _READ_AHEAD_AT_OPEN = 128 * 1024
 
 
 def _guard(fn: F) -> F:
-    """Map every failure of a handler to an errno reply; never let one escape."""
+    """Map every failure of a handler to an errno reply; never let one escape.
+
+    Also the one place that counts requests: each one's latency goes into its
+    type's log2 histogram (``unionfs stats``; a clock read and an increment).
+    """
+    buckets = stats.COUNTERS.buckets(fn.__name__)
+    clock = time.perf_counter_ns
 
     @functools.wraps(fn)
     async def wrapper(*args: Any) -> Any:
+        start = clock()
         try:
             return await fn(*args)
         except pyfuse3.FUSEError:
@@ -55,6 +63,8 @@ def _guard(fn: F) -> F:
         except Exception:
             log.exception("unexpected error in %s%r", fn.__name__, args[1:])
             raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            buckets[(clock() - start).bit_length()] += 1
 
     return wrapper  # type: ignore[return-value]
 
@@ -121,6 +131,19 @@ class UnionOperations(pyfuse3.Operations):
         self._dirs: dict[int, DirHandle] = {}
         self._files: dict[int, FileHandle] = {}
         self._next_fh = 1
+        #: Owners, modes and devices recorded as metadata (rootless images),
+        #: and id mappings; None when neither applies (see unionfs.ownership).
+        self.owners = ownership.presenter_for(
+            [layer.fd for layer in stack.layers],
+            stack.upper is not None,
+            ownership.Mapping(
+                config.uidmapping, config.gidmapping, config.squash_uid, config.squash_gid
+            ),
+            config.xattr_permissions,
+        )
+        #: Called with each directory a lookup or opendir reads (-o live: watch.py).
+        self.on_dir_used: Callable[[Node], None] | None = None
+        stats.instrument(table, stack, self.upper.copyup if self.upper is not None else None)
 
     # -- helpers ---------------------------------------------------------------
 
@@ -148,7 +171,20 @@ class UnionOperations(pyfuse3.Operations):
         a.st_atime_ns = st.st_atime_ns
         a.st_mtime_ns = st.st_mtime_ns
         a.st_ctime_ns = st.st_ctime_ns
+        if self.owners is not None:
+            a.st_mode, a.st_uid, a.st_gid, a.st_rdev = self._presented(node, st)
         return a
+
+    def _presented(self, node: Node, st: os.stat_result) -> tuple[int, int, int, int]:
+        """Owner, mode and device an object shows: its recorded override, if any."""
+        assert self.owners is not None
+        if node.unlinked:
+            return self.owners.present(-1, -1, None, b"", st)
+        if node.is_dir:
+            dir_fd, name = self.stack.dirfd(node.layer, node.path()), None
+        else:
+            dir_fd, name = self.stack.dirfd(node.layer, node.dirpath()), node.name
+        return self.owners.present(node.layer, dir_fd, name, b"/".join(node.path()), st)
 
     def _stat(self, node: Node) -> os.stat_result:
         """Fresh lstat of the node's topmost real object.
@@ -235,6 +271,8 @@ class UnionOperations(pyfuse3.Operations):
         self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
     ) -> pyfuse3.EntryAttributes:
         parent = self._dir(parent_inode)
+        if self.on_dir_used is not None:
+            self.on_dir_used(parent)
         if name == b".":
             node = parent
         elif name == b"..":
@@ -276,6 +314,8 @@ class UnionOperations(pyfuse3.Operations):
     @_guard
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         node = self._dir(inode)
+        if self.on_dir_used is not None:
+            self.on_dir_used(node)
         fh = self._new_fh()
         self._dirs[fh] = DirHandle(node)
         return fh
@@ -286,7 +326,9 @@ class UnionOperations(pyfuse3.Operations):
         node = handle.node
         assert node.dir_layers is not None
         if handle.names is None:
-            if node.listing is None or node.listing_gen != self.stack.generation:
+            stale = node.listing is None or node.listing_gen != self.stack.generation
+            stats.count("listings", hit=not stale)
+            if stale:
                 node.listing = self.stack.merged_names(
                     node.path(), node.dir_layers, node.xwh_layers
                 )
@@ -351,10 +393,10 @@ class UnionOperations(pyfuse3.Operations):
 
     _OPEN_KEEP = os.O_ACCMODE | os.O_APPEND | os.O_SYNC | os.O_DSYNC | os.O_NOATIME
 
-    def _open_fd(self, node: Node, flags: int) -> int:
+    def _open_fd(self, node: Node, flags: int, extra: int = 0) -> int:
         return os.open(
             node.name,
-            (flags & self._OPEN_KEEP) | os.O_NOFOLLOW | os.O_CLOEXEC,
+            (flags & self._OPEN_KEEP) | extra | os.O_NOFOLLOW | os.O_CLOEXEC,
             dir_fd=self.stack.dirfd(node.layer, node.dirpath()),
         )
 
@@ -372,9 +414,15 @@ class UnionOperations(pyfuse3.Operations):
         if flags & os.O_ACCMODE != os.O_RDONLY or truncate:
             # Truncation makes the lower data useless: copy up metadata only.
             await self._writable().copyup.copy_up(node, with_data=not truncate)
-            fd = self._open_fd(node, flags | (os.O_TRUNC if truncate else 0))
-            if truncate:
-                os.ftruncate(fd, 0)
+            # O_TRUNC goes to the real open: Linux truncates on O_RDONLY|O_TRUNC
+            # too, where an ftruncate of the read-only descriptor was EINVAL.
+            # The kernel has checked the caller's write permission (may_open).
+            fd = self._open_fd(node, flags, os.O_TRUNC if truncate else 0)
+        elif node.metacopy:  # metadata only in the upper: read the lower's data
+            assert node.parent is not None and node.parent.dir_layers is not None
+            fd = self.stack.open_metacopy_data(
+                node.dirpath(), node.name, node.parent.dir_layers, node.parent.xwh_layers, flags
+            )
         else:
             fd = self._open_fd(node, flags)
             _start_reading(fd)
@@ -431,7 +479,9 @@ class UnionOperations(pyfuse3.Operations):
             perm = 0 if mode is None else self._new_perm(parent, mode, ctx)
             fd = make(dir_fd, n, perm)
             try:
-                if self.is_root:
+                if self.owners is not None and self.owners.record:
+                    self.owners.new_object(dir_fd, n, ctx.uid, gid)
+                elif self.is_root:
                     os.chown(n, ctx.uid, gid, dir_fd=dir_fd, follow_symlinks=False)
                 if is_dir and sgid:
                     st_mode = os.stat(n, dir_fd=dir_fd).st_mode
@@ -454,7 +504,7 @@ class UnionOperations(pyfuse3.Operations):
             # listed now through its descriptor, 8x cheaper than by path.
             with contextlib.suppress(OSError):
                 names = map(os.fsencode, os.listxattr(fd))
-                node.xattrs = frozenset(markers.visible_xattrs(names))
+                node.xattrs = frozenset(ownership.visible(markers.visible_xattrs(names)))
         attrs = self._attrs(node, st)
         self.table.ref(node)
         return node, attrs, fd
@@ -501,6 +551,17 @@ class UnionOperations(pyfuse3.Operations):
             raise OSError(errno.EPERM, "a char device 0/0 is a whiteout")
 
         def make(d: int, n: bytes, perm: int) -> None:
+            if (
+                self.owners is not None
+                and self.owners.record
+                and (stat_mod.S_ISCHR(mode) or stat_mod.S_ISBLK(mode))
+            ):
+                # No mknod right: a regular file that records the device (fuse-overlayfs').
+                flags = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+                os.close(os.open(n, flags, 0o600, dir_fd=d))
+                kind = ownership.kind_of(mode)
+                self.owners.new_object(d, n, ctx.uid, ctx.gid, kind, rdev, perm)
+                return
             os.mknod(n, stat_mod.S_IFMT(mode) | perm, rdev, dir_fd=d)
 
         return (await self._new(parent_inode, name, ctx, False, make, mode))[1]
@@ -585,16 +646,24 @@ class UnionOperations(pyfuse3.Operations):
         upper = self._writable()
         node = self.table[inode]
         to_zero = fields.update_size and attr.st_size == 0
-        await upper.copyup.copy_up(node, with_data=not to_zero)
+        await upper.copyup.copy_up(node, with_data=not to_zero, meta_only=not fields.update_size)
         handle = self._files.get(fh) if fh is not None else None
         ofd = self._object_fd(node)
         try:
             path = b"/proc/self/fd/%d" % ofd
-            if fields.update_uid or fields.update_gid:
+            recorded = self._record_attrs(ofd, attr, fields)  # into the override
+            if (fields.update_uid or fields.update_gid) and not recorded:
                 uid = attr.st_uid if fields.update_uid else -1
                 gid = attr.st_gid if fields.update_gid else -1
-                os.chown(path, uid, gid)
-            if fields.update_mode:
+                if self.owners is None:
+                    os.chown(path, uid, gid)
+                else:  # uidmapping=/gidmapping=; with a squash, errors are ignored
+                    try:
+                        os.chown(path, *self.owners.mapping.disk(uid, gid))
+                    except OSError:
+                        if not self.owners.mapping.squashing:
+                            raise
+            if fields.update_mode and not recorded:
                 os.chmod(path, stat_mod.S_IMODE(attr.st_mode))
             if fields.update_size:
                 if handle is not None and handle.layer == 0:
@@ -611,6 +680,30 @@ class UnionOperations(pyfuse3.Operations):
             os.close(ofd)
         return self._attrs(node, st)
 
+    def _record_attrs(self, ofd: int, attr: Any, fields: Any) -> bool:
+        """chown/chmod through a rootless mount with ownership metadata: record
+        them in the upper object's override (True), or leave them to the real
+        calls (False: plain mount, root, or an object that takes no xattr)."""
+        if self.owners is None or not self.owners.record or not self.owners.active:
+            return False
+        if not (fields.update_uid or fields.update_gid or fields.update_mode):
+            return False
+        st = os.fstat(ofd)
+        if not ownership.xattr_capable(st.st_mode):
+            return False
+        new = self.owners.change(
+            ofd,
+            st,
+            attr.st_uid if fields.update_uid else None,
+            attr.st_gid if fields.update_gid else None,
+            attr.st_mode if fields.update_mode else None,
+        )
+        # The real bits keep the daemon's access; the kernel enforces the shown ones.
+        owner = 0o700 if stat_mod.S_ISDIR(st.st_mode) else 0o600
+        assert new.mode is not None
+        os.chmod(b"/proc/self/fd/%d" % ofd, (new.mode & 0o777) | owner)
+        return True
+
     # -- xattrs and statfs -----------------------------------------------------
 
     def _xattr_target(self, node: Node) -> tuple[int, tuple[bytes, ...], bytes | None]:
@@ -625,14 +718,20 @@ class UnionOperations(pyfuse3.Operations):
         kernel asks for ``security.capability`` before writes: most objects
         have none, and this answers those from memory.
         """
+        stats.count("xattr_names", hit=node.xattrs is not None)
         if node.xattrs is None:
             layer, dirpath, fname = self._xattr_target(node)
             names = self.stack.listxattr(layer, dirpath, fname)
-            node.xattrs = frozenset(markers.visible_xattrs(names))
+            shown = markers.visible_xattrs(names)
+            if self.owners is not None:
+                shown = ownership.shown_xattrs(shown)
+            node.xattrs = frozenset(shown)
         return node.xattrs
 
     @_guard
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        if name == stats.XATTR and inode == pyfuse3.ROOT_INODE:
+            return self._stats_reply(ctx)
         if markers.is_private_xattr(name):
             raise OSError(errno.EOPNOTSUPP, "union-private xattr")
         node = self.table[inode]
@@ -640,7 +739,14 @@ class UnionOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(pyfuse3.ENOATTR)
         layer, dirpath, fname = self._xattr_target(node)
         path = self.stack.xattr_path(layer, dirpath, fname)
-        return os.getxattr(path, name, follow_symlinks=fname is None)
+        try:
+            return os.getxattr(path, name, follow_symlinks=fname is None)
+        except OSError as e:
+            saved = ownership.saved_name(name) if self.owners is not None else None
+            if saved is None or e.errno != errno.ENODATA:
+                raise
+            # Kept by a rootless extraction or setxattr (fuse-overlayfs' containers mode).
+            return os.getxattr(path, saved, follow_symlinks=fname is None)
 
     @_guard
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
@@ -648,11 +754,18 @@ class UnionOperations(pyfuse3.Operations):
 
     async def _change_xattr(self, inode: int, name: bytes, change: Callable[[bytes], None]) -> None:
         """Copy the object up, then apply ``change`` to its /proc path."""
-        if markers.is_private_xattr(name):
+        if markers.is_private_xattr(name) or (
+            # Ownership and saved privileged xattrs: a caller could forge an owner
+            # or a file capability with them.
+            self.owners is not None
+            and (
+                name in ownership.OWNERSHIP_XATTRS or name.startswith(ownership.SAVED_XATTR_PREFIX)
+            )
+        ):
             raise OSError(errno.EOPNOTSUPP, "union-private xattr")
         upper = self._writable()
         node = self.table[inode]
-        await upper.copyup.copy_up(node)
+        await upper.copyup.copy_up(node, meta_only=True)
         ofd = self._object_fd(node)
         try:
             change(b"/proc/self/fd/%d" % ofd)
@@ -664,11 +777,27 @@ class UnionOperations(pyfuse3.Operations):
     async def setxattr(
         self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext
     ) -> None:
-        await self._change_xattr(inode, name, lambda path: os.setxattr(path, name, value))
+        stored = self._stored_xattr(name)
+        await self._change_xattr(inode, name, lambda path: os.setxattr(path, stored, value))
 
     @_guard
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
-        await self._change_xattr(inode, name, lambda path: os.removexattr(path, name))
+        def remove(path: bytes) -> None:
+            try:
+                os.removexattr(path, name)
+            except OSError as e:
+                if self._stored_xattr(name) == name or e.errno not in (errno.ENODATA, errno.EPERM):
+                    raise
+                os.removexattr(path, self._stored_xattr(name))
+
+        await self._change_xattr(inode, name, remove)
+
+    def _stored_xattr(self, name: bytes) -> bytes:
+        """The name an xattr is written under: a rootless mount with ownership
+        metadata keeps ``security.*``/``trusted.*`` as ``user.containers.override_*``."""
+        if self.owners is None or not self.owners.record or not self.owners.active:
+            return name
+        return ownership.saved_name(name) or name
 
     @_guard
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
@@ -687,6 +816,12 @@ class UnionOperations(pyfuse3.Operations):
         ):
             setattr(out, field, getattr(sv, field))
         return out
+
+    def _stats_reply(self, ctx: pyfuse3.RequestContext) -> bytes:
+        """The counters (``unionfs stats``), for the mounting user and root only."""
+        if ctx.uid not in (0, os.geteuid()):
+            raise OSError(errno.EACCES, "the stats of a mount are its owner's")
+        return stats.encode(self.stats())
 
     def stats(self) -> dict[str, int]:
         """Sizes of what the daemon holds (SIGUSR1 logs them)."""

@@ -24,9 +24,6 @@ KERNEL_FLAGS = frozenset(
         "exec",
         "noatime",
         "atime",
-        "relatime",
-        "nodiratime",
-        "diratime",
         "dirsync",
         "sync",
         "async",
@@ -35,6 +32,30 @@ KERNEL_FLAGS = frozenset(
 )
 #: FUSE options handed to libfuse as they are.
 FUSE_FLAGS = frozenset({"allow_root", "auto_unmount"})
+#: Options that tell mount(8), /etc/fstab or mount.fuse3 what to do, not the filesystem:
+#: accepted and ignored.  mount(8) strips most (``x-*``, ``noauto``) and mount.fuse3
+#: the rest (``user``, ``nofail``, ``_netdev``, ...) before it runs ``unionfs-mount``,
+#: but an fstab options field given to unionfs-mount directly must work too.
+MOUNT_TOOL_FLAGS = frozenset(
+    {"defaults", "auto", "noauto", "user", "nouser", "users", "owner", "group", "nofail", "_netdev"}
+)
+#: Valued options of the same kind: ``user=NAME`` is what libmount hands the helper
+#: for a user mount; ``comment=`` is an old fstab spelling of ``x-``.
+MOUNT_TOOL_KEYS = frozenset({"user", "comment"})
+#: Prefixes of fstab options kept for other programs (systemd, udisks): ``x-systemd.*``.
+MOUNT_TOOL_PREFIXES = ("x-", "X-")
+#: Mount flags a FUSE mount has anyway (the kernel's defaults) but that libfuse cannot
+#: pass (it refuses the whole mount): accepted, as fstab lines often spell them.
+FUSE_DEFAULT_FLAGS = frozenset({"relatime", "diratime", "nostrictatime", "nolazytime"})
+#: Mount flags libfuse and fusermount3 cannot pass at all: refused, not ignored.
+NOT_FOR_FUSE = frozenset({"nodiratime", "strictatime", "lazytime"})
+#: Options only mount.fuse3 can act on, before it runs the filesystem.  Reaching
+#: unionfs-mount they were not acted on; ignoring a request to drop privileges
+#: would run the daemon with more rights than asked, so they are refused.
+HELPER_ONLY = {
+    "setuid": "is mount.fuse3's (mount -t fuse.unionfs-mount); run unionfs-mount as that user",
+    "drop_privileges": "is mount.fuse3's (mount -t fuse.unionfs-mount), not unionfs-mount's",
+}
 #: Options that take a value, with the parser for it.
 WHITEOUT_FORMATS = ("kernel", "oci")
 
@@ -67,12 +88,26 @@ class MountConfig:
     dircache: bool = True
     acl: bool = True
     volatile: bool = False
+    metacopy: bool = False
     spin_us: int = 30
+    #: Follow changes made to the lowers while mounted (unionfs/watch.py).
+    live: bool = False
+    #: Record the lower objects the upper replaces (unionfs/identity.py).
+    identities: bool = False
     kernel_flags: list[str] = field(default_factory=list)
+    #: fuse-overlayfs' ownership options (see unionfs.ownership): id mappings
+    #: CONTAINER:HOST:SIZE triples, squash targets, and ``xattr_permissions``
+    #: (None: on when a lower carries ownership metadata; 0 off; 2 on).
+    uidmapping: tuple[tuple[int, int, int], ...] = ()
+    gidmapping: tuple[tuple[int, int, int], ...] = ()
+    squash_uid: int | None = None
+    squash_gid: int | None = None
+    xattr_permissions: int | None = None
 
     def fuse_options(self, is_root: bool) -> set[str]:
         """The option set for ``pyfuse3.init`` (default_permissions is forced)."""
-        opts = {"default_permissions", f"fsname={self.fsname}", "subtype=unionfs"}
+        fsname = self.fsname.replace("\\", "\\\\").replace(",", "\\,")  # libfuse's -o escapes
+        opts = {"default_permissions", f"fsname={fsname}", "subtype=unionfs"}
         opts.update(self.kernel_flags)
         allow_other = is_root if self.allow_other is None else self.allow_other
         if allow_other:
@@ -82,7 +117,20 @@ class MountConfig:
             opts.add("ro")
         if self.debug:
             opts.add("debug")
+        if is_root and self._shows_other_owners():
+            from .ownership import confine_flags
+
+            opts = confine_flags(opts)
         return opts
+
+    def _shows_other_owners(self) -> bool:
+        """Owners/modes from metadata or mappings, shown by real root: nosuid,nodev forced."""
+        from .ownership import can_chown_freely, shows_other_owners
+
+        mapping = bool(self.uidmapping or self.gidmapping) or (
+            self.squash_uid is not None or self.squash_gid is not None
+        )
+        return can_chown_freely() and shows_other_owners(self.xattr_permissions, mapping, True)
 
 
 def split_lowerdirs(spec: str) -> list[str]:
@@ -129,6 +177,40 @@ def split_options(words: list[str]) -> list[str]:
     return [w for w in out if w]
 
 
+def is_mount_tool_option(word: str) -> bool:
+    """True for an option meant for mount(8), fstab or mount.fuse3, not for unionfs,
+    or a mount flag every FUSE mount has anyway.
+
+    Refuses (ConfigError) the ones only mount.fuse3 can carry out, and mount
+    flags a FUSE mount cannot have.
+    """
+    key, eq, _ = word.partition("=")
+    if key in HELPER_ONLY:
+        raise ConfigError(f"option {word!r} {HELPER_ONLY[key]}", 2)
+    if word in NOT_FOR_FUSE:
+        raise ConfigError(f"mount flag {word!r} cannot be given to a FUSE mount (libfuse)", 2)
+    if key.startswith(MOUNT_TOOL_PREFIXES):
+        return True
+    if eq:
+        return key in MOUNT_TOOL_KEYS
+    return key in MOUNT_TOOL_FLAGS or key in FUSE_DEFAULT_FLAGS
+
+
+def _check_mountpoint_arg(path: str) -> None:
+    """Refuse mount.fuse3's ``/dev/fd/N`` (its ``drop_privileges``) as a mount point.
+
+    mount.fuse3 then mounts by itself and hands over the /dev/fuse descriptor;
+    unionfs-mount needs the real mount point to refuse one inside a branch.
+    """
+    rest = path.removeprefix("/dev/fd/")
+    if rest != path and rest.isdigit():
+        raise ConfigError(
+            f"mount point {path!r} is a /dev/fuse descriptor (mount.fuse3's drop_privileges):"
+            " unionfs-mount needs the real mount point; mount without drop_privileges",
+            2,
+        )
+
+
 def _timeout(key: str, value: str) -> float:
     try:
         t = float(value)
@@ -147,7 +229,7 @@ def build_config(
     Forms: ``LOWERS UPPER MNT``, ``LOWERS MNT`` (read-only union), or ``MNT``
     with ``-o lowerdir=...[,upperdir=...]`` (the overlayfs spelling).
     """
-    opts = split_options(option_words)
+    opts = [w for w in split_options(option_words) if not is_mount_tool_option(w)]
     values: dict[str, str] = {}
     flags: set[str] = set()
     for word in opts:
@@ -158,6 +240,7 @@ def build_config(
             flags.add(key)
 
     cfg = MountConfig(lowers=[], upper=None, mountpoint="", foreground=foreground, debug=debug)
+    squash_root = False
     for flag in flags:
         if flag == "ro":
             cfg.read_only = True
@@ -173,15 +256,24 @@ def build_config(
             cfg.acl = False
         elif flag == "volatile":
             cfg.volatile = True
+        elif flag == "live":
+            cfg.live = True
+        elif flag == "identities":
+            cfg.identities = True
         elif flag in ("debug",):
             cfg.debug = True
         elif flag == "default_permissions":
             pass  # always on
+        elif flag == "squash_to_root":
+            squash_root = True
         elif flag in KERNEL_FLAGS or flag in FUSE_FLAGS:
             cfg.kernel_flags.append(flag)
         else:
             raise ConfigError(f"unknown option {flag!r}", 2)
 
+    if squash_root:
+        cfg.squash_uid = 0 if cfg.squash_uid is None else cfg.squash_uid
+        cfg.squash_gid = 0 if cfg.squash_gid is None else cfg.squash_gid
     lowerdir = values.pop("lowerdir", None)
     upperdir = values.pop("upperdir", None)
     for key, value in values.items():
@@ -207,23 +299,40 @@ def build_config(
                     f"option spin_us= needs a whole number of us (0-1000000), not {value!r}", 2
                 )
             cfg.spin_us = int(value)
+        elif key == "metacopy":
+            if value not in ("on", "off"):
+                raise ConfigError(f"option metacopy= takes on or off, not {value!r}", 2)
+            cfg.metacopy = value == "on"
         elif key == "fsname":
             if not value:
                 raise ConfigError("option fsname= needs a value", 2)
             cfg.fsname = value
+        elif key in _OWNERSHIP_KEYS:
+            _ownership_option(cfg, key, value)
         else:
             raise ConfigError(f"unknown option {key + '='!r}", 2)
 
     if lowerdir is not None:
-        if len(positional) != 1:
-            raise ConfigError("with -o lowerdir=, give only the mount point", 2)
-        cfg.lowers = split_lowerdirs(lowerdir)
+        if len(positional) not in (1, 2):
+            raise ConfigError("with -o lowerdir=, give only [SOURCE] MNT", 2)
+        cfg.lowers = [lowerdir] if lowerdir.startswith("image:") else split_lowerdirs(lowerdir)
         cfg.upper = upperdir
-        cfg.mountpoint = positional[0]
+        cfg.mountpoint = positional[-1]
+        if len(positional) == 2 and positional[0] and "fsname" not in values:
+            # mount(8)'s SOURCE: a label, shown in /proc/mounts as the kernel's overlay
+            # shows its own; umount(8) and mount -a match fstab entries by it (so
+            # fuse-overlayfs, which ignores it and shows its name, is mounted again by
+            # every mount -a).
+            cfg.fsname = positional[0]
     else:
         if upperdir is not None:
             raise ConfigError("-o upperdir= needs -o lowerdir= too", 2)
-        if len(positional) == 3:
+        if len(positional) in (2, 3) and positional[0].startswith("image:"):
+            # An image of the store (resolved by the image hook): its NAME:TAG has a colon.
+            cfg.lowers = [positional[0]]
+            cfg.upper = positional[1] if len(positional) == 3 else None
+            cfg.mountpoint = positional[-1]
+        elif len(positional) == 3:
             cfg.lowers = split_lowerdirs(positional[0])
             cfg.upper, cfg.mountpoint = positional[1], positional[2]
         elif len(positional) == 2:
@@ -231,13 +340,46 @@ def build_config(
             cfg.mountpoint = positional[1]
         else:
             raise ConfigError("usage: unionfs-mount [options] LOWER1[:LOWER2...] [UPPER] MNT", 2)
+    _check_mountpoint_arg(cfg.mountpoint)
     if cfg.upper is None:
         cfg.read_only = True
     if cfg.workdir is not None and cfg.upper is None:
         raise ConfigError("-o workdir= needs an upper directory", 2)
     if cfg.volatile and cfg.read_only:
         raise ConfigError("-o volatile needs a writable upper directory", 2)
+    if cfg.metacopy and cfg.read_only:
+        raise ConfigError("-o metacopy=on needs a writable upper directory", 2)
     return cfg
+
+
+_OWNERSHIP_KEYS = (
+    "uidmapping",
+    "gidmapping",
+    "squash_to_uid",
+    "squash_to_gid",
+    "xattr_permissions",
+)
+
+
+def _ownership_option(cfg: MountConfig, key: str, value: str) -> None:
+    """fuse-overlayfs' spelling of the ownership options (containers.md §4.3)."""
+    if key in ("uidmapping", "gidmapping"):
+        from .ownership import parse_idmap  # pure; no import cost for other mounts
+
+        try:
+            setattr(cfg, key, parse_idmap(value))
+        except ValueError as e:
+            raise ConfigError(f"option {key}=: {e}", 2) from None
+    elif key in ("squash_to_uid", "squash_to_gid"):
+        if not value.isdigit():
+            raise ConfigError(f"option {key}= needs a numeric id, not {value!r}", 2)
+        setattr(cfg, "squash_uid" if key == "squash_to_uid" else "squash_gid", int(value))
+    else:
+        if value not in ("0", "2"):
+            raise ConfigError(
+                "option xattr_permissions= takes 0 (off) or 2 (user.containers.override_stat)", 2
+            )
+        cfg.xattr_permissions = int(value)
 
 
 def _inside(child: str, parent: str) -> bool:
@@ -266,14 +408,24 @@ def volatile_marker(workdir: str) -> str:
     return os.path.join(workdir, "work", "incompat", "volatile")
 
 
-def check_paths(cfg: MountConfig, is_root: bool | None = None) -> None:
+def check_paths(
+    cfg: MountConfig, is_root: bool | None = None, upper_in_lower: bool = False
+) -> None:
     """Refuse every invocation that would deadlock, overlap or half-mount.
 
     Resolves every path to its real absolute form (in place) first, so later
-    steps compare and open exactly what was checked.
+    steps compare and open exactly what was checked.  ``upper_in_lower`` lets
+    a tool that hides the upper from the view itself (the sandbox keeps its
+    upper under $HOME and covers it inside its namespace) put it there.
     """
     if is_root is None:
         is_root = os.geteuid() == 0
+    if cfg.metacopy and not is_root:
+        raise ConfigError(
+            "-o metacopy=on needs a root mount: kernel overlayfs reads metacopy files only"
+            " with trusted.* xattrs, never in a rootless (userxattr) upper",
+            2,
+        )
 
     def real_dir(path: str, what: str) -> str:
         if not os.path.exists(path):
@@ -283,6 +435,9 @@ def check_paths(cfg: MountConfig, is_root: bool | None = None) -> None:
         return os.path.realpath(path)
 
     cfg.lowers = [real_dir(p, "lower directory") for p in cfg.lowers]
+    for lower in cfg.lowers:  # else every lookup falling through it would fail, not the mount
+        if not os.access(lower, os.R_OK | os.X_OK):
+            raise ConfigError(f"lower directory {lower!r} cannot be read by this user")
     if cfg.upper is not None:
         cfg.upper = real_dir(cfg.upper, "upper directory")
     cfg.mountpoint = real_dir(cfg.mountpoint, "mount point")
@@ -307,13 +462,13 @@ def check_paths(cfg: MountConfig, is_root: bool | None = None) -> None:
             )
     if cfg.upper is not None:
         for lower in cfg.lowers:
-            if _inside(cfg.upper, lower):
+            if _inside(cfg.upper, lower) and not upper_in_lower:
                 raise ConfigError(f"upper directory {cfg.upper!r} is inside lower {lower!r}")
             if _inside(lower, cfg.upper):
                 raise ConfigError(f"lower directory {lower!r} is inside upper {cfg.upper!r}")
         if not os.access(cfg.upper, os.W_OK | os.X_OK) and not cfg.read_only:
             raise ConfigError(f"upper directory {cfg.upper!r} is not writable")
-        _check_workdir(cfg, branches)
+        _check_workdir(cfg, [cfg.upper] if upper_in_lower else branches)
 
     if not cfg.nonempty:
         try:

@@ -8,7 +8,6 @@ WHITEOUT (move an object away and leave a whiteout behind, atomically).
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 
 RENAME_NOREPLACE = 1
@@ -18,7 +17,9 @@ RENAME_WHITEOUT = 4
 #: ioctl FICLONE: share the source's extents (reflink) on btrfs, xfs, ...
 FICLONE = 0x40049409
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# The C library the interpreter already runs on (dlopen(NULL)): ctypes.util.find_library
+# would spawn ``ldconfig -p`` at every start of the daemon (docs/performance.md, start-up).
+_libc = ctypes.CDLL(None, use_errno=True)
 _renameat2 = _libc.renameat2
 _renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
 _renameat2.restype = ctypes.c_int

@@ -142,6 +142,8 @@ class Upper:
         gone = self.stack.lstat(node.layer, path, name)
         pfd = self.stack.dirfd(0, path)
         whiteout = self.lower_has(parent, name)
+        if whiteout and not in_upper and gone is not None:
+            self.copyup.replaced((*path, name), gone)  # copied-up objects were recorded then
         if in_upper and whiteout and self.writer.fmt == "kernel":
             tmp = self._work_whiteout()
             renameat2(self.copyup.work_fd, tmp, pfd, name, RENAME_EXCHANGE)
@@ -306,6 +308,8 @@ class Upper:
                 await self.make_pure_upper(node)
         elif node.layer != 0 or self.stack.lstat(0, parent.path(), name) is None:
             await self.link_alias(parent, name, node)
+        elif node.metacopy:  # its data is found by its path: fetch it before a move
+            await self.copyup.copy_up(node)
 
     @changes_upper
     async def rename(
@@ -343,6 +347,8 @@ class Upper:
             if not dst.is_dir:
                 await self._up_if_hard_linked(dst, new_parent, new)
             dst_gone = self.stack.lstat(dst.layer, new_parent.path(), new)
+            if dst.layer != 0 and dst_gone is not None:  # a lower object renamed over
+                self.copyup.replaced((*new_parent.path(), new), dst_gone)
         old_path, new_path = old_parent.path(), new_parent.path()
         ofd, nfd = self.stack.dirfd(0, old_path), self.stack.dirfd(0, new_path)
         leave_whiteout = self.lower_has(old_parent, old)

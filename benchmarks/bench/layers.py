@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 # Bump when the generated tree changes, so that stale caches are not reused.
-GENERATOR_VERSION = 3
+GENERATOR_VERSION = 4
 
 OPAQUE_XATTRS = ("trusted.overlay.opaque", "user.overlay.opaque")
 FIXED_MTIME = 1_600_000_000  # git must not see the repository's files as "racily clean"
@@ -42,6 +42,11 @@ class Spec:
     dirs: int
     repo_files: int
     big_mib: int
+    #: A second repository big enough for git's threaded index preload (one thread per 500
+    #: entries, none below 1,000): the issue's 5,000-file ``git status``.
+    bigrepo_files: int
+    #: A mid-sized lower file (128 MiB at scale 1) for the append that copies it up.
+    mid_mib: int
     seed: int
     privileged: bool  # char-dev whiteouts and trusted.* xattrs need root
 
@@ -54,6 +59,8 @@ class Spec:
             dirs=max(10, round(2_000 * scale)),
             repo_files=max(20, round(500 * scale)),
             big_mib=max(4, round(1024 * scale)),
+            bigrepo_files=max(1000, round(5000 * scale)),
+            mid_mib=max(2, round(128 * scale)),
             seed=seed,
             privileged=privileged,
         )
@@ -78,11 +85,18 @@ class Manifest:
     repo: str
     rename_dir: str
     stats: dict[str, int] = field(default_factory=dict)
+    bigrepo: str = "bigrepo"
+    mid: str = "big/mid.bin"
 
     @property
     def small_files(self) -> list[str]:
-        """Regular files except the big ones."""
-        return [f for f in self.files if not f.startswith("big/")]
+        """Regular files except the big ones and the big repository (which only the threaded
+        ``git status`` uses; leaving it out keeps the older cells comparable across runs)."""
+        return [f for f in self.files if not f.startswith(("big/", "bigrepo/"))]
+
+    def core(self, paths: list[str]) -> list[str]:
+        """``paths`` without the big repository (the tree of the workloads before it)."""
+        return [p for p in paths if p != "bigrepo" and not p.startswith("bigrepo/")]
 
     @property
     def src_files(self) -> list[str]:
@@ -137,10 +151,13 @@ def _generate(spec: Spec, root: Path) -> None:
     if spec.layers > 1:
         _hidden_dir(spec, lowers)
         _opaque_dir(spec, lowers)
-    _git_repo(spec, lowers)
-    _big_file(spec, rng, lowers[-1])
+    _git_repo(lowers, "repo", spec.repo_files)
+    _git_repo(lowers, "bigrepo", spec.bigrepo_files)
+    _big_file(rng, lowers[-1] / "big" / "big.bin", spec.big_mib)
+    _big_file(rng, lowers[-1] / "big" / "mid.bin", spec.mid_mib)
     merge_layers(lowers, root / "merged")
     _refresh_git_index(root / "merged" / "repo")
+    _refresh_git_index(root / "merged" / "bigrepo")
     manifest = _scan(root / "merged", rename_dir=_rename_dir(dirs))
     (root / "manifest.json").write_text(json.dumps(asdict(manifest)))
 
@@ -214,12 +231,12 @@ def _opaque_dir(spec: Spec, lowers: list[Path]) -> None:
     os.setxattr(lowers[0] / "etc", name, b"y")
 
 
-def _git_repo(spec: Spec, lowers: list[Path]) -> None:
+def _git_repo(lowers: list[Path], name: str, files: int) -> None:
     """A committed, packed repository in the bottom layer; the top layer changes one file and
     adds an untracked one, so ``git status`` has something to report."""
-    repo = lowers[-1] / "repo"
-    packages = max(1, spec.repo_files // 25)
-    for i in range(spec.repo_files):
+    repo = lowers[-1] / name
+    packages = max(1, files // 25)
+    for i in range(files):
         body = "".join(f"def f{i}_{j}(x):\n    return x * {j}\n\n" for j in range(20))
         path = repo / f"pkg{i % packages}" / f"mod{i}.py"
         _write(path, body.encode())
@@ -228,9 +245,9 @@ def _git_repo(spec: Spec, lowers: list[Path]) -> None:
     _git(repo, *GIT_ID, "add", "-A")
     _git(repo, *GIT_ID, "commit", "-q", "-m", "initial import")
     _git(repo, *GIT_ID, "gc", "-q")
-    if spec.layers > 1:
-        _write(lowers[0] / "repo" / "pkg0" / "mod0.py", b"# changed in a newer layer\n")
-        _write(lowers[0] / "repo" / "untracked.txt", b"new\n")
+    if len(lowers) > 1:
+        _write(lowers[0] / name / "pkg0" / "mod0.py", b"# changed in a newer layer\n")
+        _write(lowers[0] / name / "untracked.txt", b"new\n")
 
 
 def _git(repo: Path, *args: str) -> None:
@@ -248,12 +265,11 @@ def _refresh_git_index(repo: Path) -> None:
     )
 
 
-def _big_file(spec: Spec, rng: random.Random, layer: Path) -> None:
+def _big_file(rng: random.Random, path: Path, mib: int) -> None:
     """Incompressible data, 1 MiB at a time (a single randbytes of 1 GiB would need the RAM)."""
-    path = layer / "big" / "big.bin"
-    path.parent.mkdir(parents=True)
+    path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "wb") as f:
-        for _ in range(spec.big_mib):
+        for _ in range(mib):
             f.write(rng.randbytes(1 << 20))
 
 

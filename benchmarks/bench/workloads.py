@@ -13,6 +13,7 @@ import errno
 import os
 import random
 import subprocess
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,12 +35,20 @@ class Counts:
     copy_up: int
     build: int
     big_mib: int
+    procs: int = 300  # short-lived processes of short-procs
+    paced: int = 2000  # stats of paced-stat
 
     @classmethod
     def scaled(cls, scale: float, big_mib: int) -> Counts:
         n = max(20, round(5000 * scale))
         return cls(
-            create=n, delete=n, copy_up=n, build=max(20, round(2000 * scale)), big_mib=big_mib
+            create=n,
+            delete=n,
+            copy_up=n,
+            build=max(20, round(2000 * scale)),
+            big_mib=big_mib,
+            procs=max(30, round(300 * scale) // 3 * 3),
+            paced=max(100, round(2000 * scale)),
         )
 
 
@@ -65,7 +74,10 @@ class Workload:
     prepare: Callable[[Ctx], Job]
     mutates: bool = False  # needs a fresh mount and upper for every measurement
     warm: bool = True  # has a warm phase
-    copy_big: bool = False  # native needs a private copy of the big file
+    copy_big: bool = False  # native needs a private copy of the big files
+    #: The timed part is the mount itself: from the exec of the mount command to the first
+    #: request through the mount answered (``prepare`` is not used; run.py times it).
+    startup: bool = False
 
 
 # -- helpers -------------------------------------------------------------------------------
@@ -127,13 +139,18 @@ def no_note(fn: Callable[[], None]) -> Callable[[], Note]:
 def stat_walk(ctx: Ctx) -> Job:
     """os.stat of every path from the manifest, no readdir: pure lookup + getattr."""
     m = ctx.manifest
-    paths = absolute(ctx, sorted([*m.dirs, *m.files, *m.symlinks]))
+    paths = absolute(ctx, m.core(sorted([*m.dirs, *m.files, *m.symlinks])))
     return Job(no_note(lambda: stat_all(paths)))
 
 
 def ls_lr(ctx: Ctx) -> Job:
-    """readdir + stat + xattr probes, the way a user browses."""
-    return Job(no_note(lambda: tool(ctx, ["ls", "-lR", "--color=never", str(ctx.root)])))
+    """readdir + stat + xattr probes, the way a user browses (of the tree without the big
+    repository, so that the cell stays comparable with the runs before it)."""
+    m = ctx.manifest
+    tops = absolute(
+        ctx, m.core(sorted(p for p in [*m.dirs, *m.files, *m.symlinks] if "/" not in p))
+    )
+    return Job(no_note(lambda: tool(ctx, ["ls", "-lR", "--color=never", *tops])))
 
 
 def read_small(ctx: Ctx) -> Job:
@@ -158,7 +175,9 @@ def big_read(ctx: Ctx) -> Job:
 def tar_tree(ctx: Ctx) -> Job:
     """tar of the tree except the big file, through a pipe: GNU tar does not read file data
     when its output is /dev/null itself."""
-    script = 'set -o pipefail; tar -C "$1" --exclude=./big -cf - . | cat > /dev/null'
+    script = (
+        'set -o pipefail; tar -C "$1" --exclude=./big --exclude=./bigrepo -cf - . | cat > /dev/null'
+    )
     argv = ["bash", "-c", script, "tar", str(ctx.root)]
     return Job(no_note(lambda: tool(ctx, argv)))
 
@@ -178,6 +197,97 @@ def git_status(ctx: Ctx) -> Job:
         "--porcelain",
     ]
     return Job(no_note(lambda: tool(ctx, argv, stdout=subprocess.PIPE)))
+
+
+def walk(ctx: Ctx) -> Job:
+    """A Python client's walk: ``os.walk`` (readdir) of the whole mount, ``os.lstat`` of every
+    entry it lists.  Unlike stat-walk, each directory is listed before its entries are
+    looked up, and the client spends its own 20-30 us between two requests."""
+    root = str(ctx.root)
+
+    def run() -> None:
+        for dirpath, dirnames, filenames in os.walk(root):
+            for name in dirnames + filenames:
+                os.lstat(os.path.join(dirpath, name))
+
+    return Job(no_note(run))
+
+
+def quarters(paths: Sequence[str], n: int = 4) -> list[list[str]]:
+    """``paths`` (sorted) cut in ``n`` contiguous runs: disjoint subtrees, one per reader."""
+    return [list(paths[i * len(paths) // n : (i + 1) * len(paths) // n]) for i in range(n)]
+
+
+def in_processes(jobs: Sequence[Callable[[], None]]) -> None:
+    """Run each job in a forked child at once and wait for all: several clients of the mount
+    at the same time, as a build or a desktop makes them (not threads of one process)."""
+    pids = []
+    for job in jobs:
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            status = 1
+            try:
+                job()
+                status = 0
+            finally:
+                os._exit(status)
+        pids.append(pid)
+    failed = [pid for pid in pids if os.waitpid(pid, 0)[1] != 0]
+    if failed:
+        raise RuntimeError(f"{len(failed)} of {len(pids)} reader processes failed")
+
+
+def read_parallel(ctx: Ctx) -> Job:
+    """4 processes at once, each reading its own quarter of the small files (open, read to
+    EOF, close): does the file system serve concurrent clients concurrently?"""
+    parts = [absolute(ctx, q) for q in quarters(ctx.manifest.small_files)]
+    jobs = [lambda part=part: read_all(part) for part in parts]
+    return Job(no_note(lambda: in_processes(jobs)))
+
+
+def git_status_threaded(ctx: Ctx) -> Job:
+    """git status of the 5,000-file repository with git's defaults: ``core.preloadIndex``
+    lstat's the index entries from up to 20 threads at once (one per 500 entries)."""
+    repo = os.path.join(ctx.root, ctx.manifest.bigrepo)
+    argv = ["git", "--no-optional-locks", "-c", "safe.directory=*", "-C", repo, "status"]
+    return Job(no_note(lambda: tool(ctx, [*argv, "--porcelain"], stdout=subprocess.PIPE)))
+
+
+#: One short-lived process per line, as a shell script or a make recipe spawns them.
+_SHORT_PROCS = """
+for f in "$@"; do
+  cat "$f" > /dev/null
+  stat -c %s "$f" > /dev/null
+  sh -c 'test -r "$1"' sh "$f"
+done
+"""
+
+
+def short_procs(ctx: Ctx) -> Job:
+    """Short-lived processes (cat, stat, sh -c), three per file: each request comes from a
+    process that has just started, after a pause far longer than any busy wait."""
+    files = absolute(ctx, pick(ctx.manifest.src_files, ctx.counts.procs // 3))
+    argv = ["sh", "-c", _SHORT_PROCS, "sh", *files]
+    return Job(no_note(lambda: tool(ctx, argv)))
+
+
+#: The pause of paced-stat between two requests (a client that computes between calls).
+PACE_S = 200e-6
+
+
+def paced_stat(ctx: Ctx) -> Job:
+    """os.stat of files with 200 us of computation between two calls: longer than the
+    daemon's busy wait (30 us), so every request finds it asleep."""
+    paths = absolute(ctx, pick(ctx.manifest.src_files, ctx.counts.paced))
+
+    def run() -> None:
+        for p in paths:
+            end = time.perf_counter() + PACE_S
+            while time.perf_counter() < end:
+                pass
+            os.stat(p)
+
+    return Job(no_note(run))
 
 
 # -- mutating workloads ---------------------------------------------------------------------
@@ -220,6 +330,22 @@ def create(ctx: Ctx) -> Job:
     return Job(no_note(run))
 
 
+def create_4k(ctx: Ctx) -> Job:
+    """Create files of 4 KiB (a page each), all in one new directory."""
+    base = os.path.join(ctx.root, "created4k")
+    files = [os.path.join(base, f"f{i:05d}") for i in range(ctx.counts.create)]
+    data = b"x" * 4096
+
+    def run() -> None:
+        os.mkdir(base)
+        for p in files:
+            fd = os.open(p, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            write_all(fd, data)
+            os.close(fd)
+
+    return Job(no_note(run))
+
+
 def delete(ctx: Ctx) -> Job:
     """Unlink lower files spread over the tree: each needs a whiteout in a union."""
     paths = absolute(ctx, pick(ctx.manifest.src_files, ctx.counts.delete))
@@ -253,6 +379,21 @@ def copy_up_big(ctx: Ctx) -> Job:
         try:
             os.write(fd, b"\n")
             os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    return Job(no_note(run), warmup=lambda: read_all([path]))
+
+
+def append_mid(ctx: Ctx) -> Job:
+    """Append one byte to the 128 MiB lower file, no fsync by the client: the copy-up's own
+    cost (a durable copy-up syncs it anyway, as kernel overlayfs does)."""
+    path = os.path.join(ctx.root, ctx.manifest.mid)
+
+    def run() -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+        try:
+            os.write(fd, b"\n")
         finally:
             os.close(fd)
 
@@ -337,6 +478,10 @@ def build(ctx: Ctx) -> Job:
     return Job(no_note(run), warmup=warmup)
 
 
+def _unused(ctx: Ctx) -> Job:
+    raise AssertionError("a start-up workload is timed by run.py, not prepared")
+
+
 WORKLOADS = [
     Workload("stat-walk", "os.stat of every path (no readdir)", stat_walk),
     Workload("ls-lR", "ls -lR of the whole mount", ls_lr),
@@ -344,14 +489,37 @@ WORKLOADS = [
     Workload("big-read", "sequential read of the big file, 1 MiB reads", big_read),
     Workload("tar", "tar cf - of the tree (minus the big file) | cat > /dev/null", tar_tree),
     Workload("git-status", "git status in the repository in the bottom layer", git_status),
+    Workload("walk", "os.walk of the mount + os.lstat of every entry (Python)", walk),
+    Workload(
+        "read-4procs", "4 processes at once, each reading a quarter of the files", read_parallel
+    ),
+    Workload(
+        "git-status-5k", "git status of a 5k-file repo (threaded preload)", git_status_threaded
+    ),
+    Workload("short-procs", "300 short-lived processes: cat, stat, sh -c on files", short_procs),
+    Workload("paced-stat", "os.stat of 2k files, 200 us of computing between calls", paced_stat),
+    Workload(
+        "mount",
+        "from exec of the mount command to the first answered request",
+        _unused,
+        startup=True,
+    ),
     Workload("big-write-fsync", "write a new big file + fsync", big_write, True, False),
     Workload("create", "create 5k files of 100 bytes", create, True, False),
+    Workload("create-4k", "create 5k files of 4 KiB in one new directory", create_4k, True, False),
     Workload("delete", "unlink 5k lower files (whiteouts)", delete, True),
     Workload("copy-up-small", "append a byte to 5k lower files", copy_up_small, True),
     Workload(
         "copy-up-big",
         "append a byte to the big lower file + fsync",
         copy_up_big,
+        True,
+        copy_big=True,
+    ),
+    Workload(
+        "append-mid",
+        "append a byte to a 128 MiB lower file (copy-up, no client fsync)",
+        append_mid,
         True,
         copy_big=True,
     ),

@@ -1,0 +1,131 @@
+"""``unionfs run``: an image from the store (and a plain rootfs) run rootless, as the
+unprivileged test user, with a tiny image built from the host's dash and libc."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import imagetools
+import pytest
+from sandbox_support import Home, make_home
+
+import support
+
+PROGRAMS = {"bin/sh": "/bin/dash", "bin/cat": "/bin/cat"}
+
+
+def _libs() -> dict[str, str]:
+    out = {}
+    for prog in PROGRAMS.values():
+        for line in subprocess.run(
+            ["ldd", prog], capture_output=True, text=True
+        ).stdout.splitlines():
+            path = line.split("=>")[-1].split("(")[0].strip()
+            if path.startswith("/"):
+                out[path.lstrip("/")] = os.path.realpath(path)
+    return out
+
+
+def _entries() -> list[imagetools.Entry]:
+    files = {**PROGRAMS, **_libs()}
+    dirs = {"etc", "root", "tmp", "srv", "data"}
+    for name in files:
+        parts = name.split("/")[:-1]
+        dirs.update("/".join(parts[: i + 1]) for i in range(len(parts)))
+    ents: list[imagetools.Entry] = [
+        {"name": d, "type": "dir", "mode": 0o1777 if d == "tmp" else 0o755} for d in sorted(dirs)
+    ]
+    for name, src in files.items():
+        ents.append({"name": name, "type": "file", "mode": 0o755, "data": Path(src).read_bytes()})
+    ents.append({"name": "etc/motd", "type": "file", "data": b"from the image\n"})
+    return ents
+
+
+CONFIG = {
+    "Env": ["PATH=/bin", "GREETING=hello"],
+    "WorkingDir": "/srv",
+    "Cmd": ["sh", "-c", "echo $GREETING from $(pwd); exit 3"],
+}
+
+
+@pytest.fixture
+def home(unpriv_tmp: Path, unpriv_user: support.User) -> Home:
+    h = make_home(unpriv_tmp, unpriv_user)
+    layout = unpriv_tmp / "layout"
+    imagetools.make_layout(layout, [_entries()], tag="tiny", cfg=CONFIG)
+    support.chown_tree(layout, unpriv_user.uid, unpriv_user.gid)
+    r = h.unionfs("image", "import", str(layout), "tiny:1")
+    assert r.returncode == 0, r.stderr
+    return h
+
+
+def test_runs_the_image_config_and_passes_the_status(home: Home) -> None:
+    r = home.unionfs("run", "--rm", "tiny:1")
+    assert (r.returncode, r.stdout) == (3, "hello from /srv\n"), r.stderr
+    prog = (
+        "while read k v; do case $k in Uid:) echo uid $v;; esac; done < /proc/self/status;"
+        " [ -O /bin/sh ] && echo root-owned; echo $$; cat /etc/motd; echo x > /dev/null && echo dev"
+    )
+    r = home.unionfs("run", "--rm", "tiny:1", "--", "sh", "-c", prog)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "uid 0 0 0 0\nroot-owned\n2\nfrom the image\ndev\n"
+    assert home.unionfs("run", "--rm", "tiny:1", "--", "sh", "-c", "kill -9 $$").returncode == 137
+    assert not any((home.path / ".local/share/unionfs/containers").iterdir())
+
+
+def test_upper_is_kept_under_the_name(home: Home) -> None:
+    r = home.unionfs("run", "--name", "c1", "tiny:1", "--", "sh", "-c", "echo kept > /root/x")
+    assert r.returncode == 0, r.stderr
+    cdir = home.path / ".local/share/unionfs/containers/c1"
+    assert (cdir / "upper/root/x").read_text() == "kept\n"
+    assert json.loads((cdir / "container.json").read_text())["image"] == "tiny:1"
+    r = home.unionfs("run", "--name", "c1", "tiny:1", "--", "cat", "/root/x")
+    assert (r.returncode, r.stdout) == (0, "kept\n"), r.stderr
+
+
+def test_volume_and_signals(home: Home) -> None:
+    vol = home.path.parent / "vol"
+    vol.mkdir()
+    os.chown(vol, home.user.uid, home.user.gid)
+    r = home.unionfs(
+        "run", "--rm", "-v", f"{vol}:/data/v", "tiny:1", "--", "sh", "-c", "echo in > /data/v/f"
+    )
+    assert r.returncode == 0, r.stderr
+    assert (vol / "f").read_text() == "in\n"
+    # A busy loop of builtins: the trap runs at once (no child to wait for).
+    prog = "trap 'exit 9' TERM; echo ready > /data/v/ready; while :; do :; done"
+    p = home.popen("run", "--rm", "-v", f"{vol}:/data/v", "tiny:1", "--", "sh", "-c", prog)
+    try:
+        end = time.monotonic() + 30
+        while not (vol / "ready").exists() and time.monotonic() < end:
+            time.sleep(0.05)
+        p.send_signal(signal.SIGTERM)
+        assert p.wait(timeout=30) == 9
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+
+
+def test_rootfs_dirs_and_errors(home: Home, tmp: Path) -> None:
+    rootfs = tmp / "rootfs"
+    rootfs.mkdir()
+    for name, src in {**PROGRAMS, **_libs()}.items():
+        (rootfs / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(src, rootfs / name)
+    r = home.unionfs(
+        "run", "--rm", "--rootfs", str(rootfs), "--", "sh", "-c", "[ -O /bin/sh ] && echo root"
+    )
+    assert (r.returncode, r.stdout) == (0, "root\n"), r.stderr
+    r = home.unionfs("run", "--rm", "nope:1")
+    assert r.returncode == 125 and r.stderr.count("\n") == 1 and "nope" in r.stderr
+    r = home.unionfs("run", "--rm", "-v", "relative:/x", "tiny:1")
+    assert r.returncode == 125 and "volume" in r.stderr
+    r = home.unionfs("run", "--rm", "tiny:1", "--", "no-such-cmd")
+    assert r.returncode == 127

@@ -26,7 +26,7 @@ import stat as stat_mod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from .. import markers
+from .. import markers, ownership
 from ..layers import Entry, LayerStack
 from ..markers import Opacity
 
@@ -108,16 +108,24 @@ class Change:
 def owner_of(st: os.stat_result, xattrs: dict[bytes, bytes]) -> tuple[int, int]:
     """The owner an object shows: THE one place where rootless ownership metadata applies.
 
-    A rootless mount cannot chown, so it may keep the intended owner in an
-    xattr (``unionfs.ownership``, issue 12).  Until that module is on main the
-    real owner is used; then this function reads its override and
-    ``OWNERSHIP_XATTRS`` lists the xattrs that must not be exported as such.
+    A rootless mount or unpack cannot chown, so it keeps the intended owner in
+    an xattr (``user.containers.override_stat``, ``user.rootlesscontainers``,
+    ...: ``unionfs.ownership``); ``xattrs`` are the object's xattrs with
+    those included.  Not read yet: the side table for objects that cannot
+    carry user xattrs (symlinks, fifos), and the override's mode.
     """
-    return st.st_uid, st.st_gid
+    ov = ownership.from_xattrs(xattrs)
+    return (st.st_uid, st.st_gid) if ov is None else (ov.uid, ov.gid)
 
 
-#: Xattrs that carry ownership metadata rather than user data (see owner_of).
-OWNERSHIP_XATTRS: frozenset[bytes] = frozenset()
+#: Xattrs that carry ownership metadata rather than user data (see owner_of):
+#: never exported or compared as such.
+OWNERSHIP_XATTRS: frozenset[bytes] = ownership.OWNERSHIP_XATTRS
+
+
+def user_xattrs(xattrs: dict[bytes, bytes]) -> dict[bytes, bytes]:
+    """``xattrs`` without the ownership metadata."""
+    return {k: v for k, v in xattrs.items() if k not in OWNERSHIP_XATTRS}
 
 
 # -- reading one object -------------------------------------------------------------
@@ -141,11 +149,11 @@ def list_xattrs(dir_fd: int, name: bytes | None) -> list[bytes]:
 
 
 def read_xattrs(dir_fd: int, name: bytes | None, names: list[bytes]) -> dict[bytes, bytes]:
-    """The values of the visible xattrs among ``names`` (private and ownership ones left out)."""
+    """The values of the non-private xattrs among ``names`` (ownership ones included)."""
     out: dict[bytes, bytes] = {}
     path = _xattr_path(dir_fd, name)
     for x in sorted(names):
-        if markers.is_private_xattr(x) or x in OWNERSHIP_XATTRS:
+        if markers.is_private_xattr(x):
             continue
         try:
             out[x] = os.getxattr(path, x, follow_symlinks=name is None)
@@ -288,6 +296,7 @@ class Scanner:
         lxattrs = self._lower_xattrs(entry, path)
         if owner != owner_of(lst, lxattrs):
             out.add("owner")
+        lxattrs = user_xattrs(lxattrs)
         if st.st_mtime_ns != lst.st_mtime_ns:
             out.add("times")
         if xattrs != lxattrs:
@@ -356,6 +365,8 @@ class Scanner:
             if name == markers.OPAQUE_NAME:
                 self._check_marker_file(d.fd, name, d.path)
                 continue
+            if name.startswith(b".wh..wh."):
+                continue  # AUFS meta names (the ownership side table): no whiteout
             if markers.is_marker_name(name):
                 target = markers.oci_whiteout_target(name)
                 if target is None or b"/" in target:
@@ -399,6 +410,7 @@ class Scanner:
         is_dir = stat_mod.S_ISDIR(st.st_mode)
         xattrs = read_xattrs(d.fd, name, list_xattrs(d.fd, name))
         owner = owner_of(st, xattrs)
+        xattrs = user_xattrs(xattrs)
         change = Change(path, Kind.ADDED, st=st, xattrs=xattrs, owner=owner)
         if entry is not None:
             change.lower = entry.st

@@ -160,3 +160,50 @@ def test_full_disk_is_one_line_and_leaves_the_store_as_it_was(
         assert sorted(str(p) for p in store.rglob("*")) == before
         st = Store.open(str(store))
         assert [i["ref"] for i in st.images()] == ["small:latest"]
+
+
+def test_ctrl_c_during_import_is_one_line_and_exit_130(tmp: Path) -> None:
+    src = tmp / "oci"
+    it.make_layout(src, [FILES], compression="none")
+    blobs = sorted((src / "blobs/sha256").iterdir(), key=lambda p: p.stat().st_size)
+    layer = blobs[-1]
+    data = layer.read_bytes()
+    layer.unlink()
+    os.mkfifo(layer)
+    store = tmp / "store"
+    proc = subprocess.Popen(
+        _import_cmd(store, src, "int:1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    try:
+        fd = -1
+
+        def opened() -> bool:
+            nonlocal fd
+            try:
+                fd = os.open(layer, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError as e:
+                if e.errno != errno.ENXIO:
+                    raise
+                return False
+            return True
+
+        _wait(opened, proc, "the importer opened the layer")
+        os.set_blocking(fd, True)
+        os.write(fd, data[: len(data) // 2])
+        _wait(
+            lambda: any((d / "diff/f010").exists() for d in (store / "tmp").iterdir()),
+            proc,
+            "files being extracted",
+        )
+        proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+        _, err = proc.communicate(timeout=60)
+        os.close(fd)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130
+    assert err.decode().strip().splitlines() == ["unionfs image: interrupted"], err
+    st = Store.open(str(store))
+    assert st.layers() == [] and st.images() == []
+    assert not list((store / "tmp").iterdir())  # the import removed its own directory

@@ -501,3 +501,26 @@ def test_merged_view_equals_umoci_unpack(tmp: Path, store: Store, unionfs) -> No
         snapshot(tmp / "bundle/rootfs", exclude=exclude),
     )
     assert diff_snapshots(ours, theirs, ("unionfs", "umoci")) == []
+
+
+def test_one_line_errors_for_bad_refs_mappings_and_lowers(tmp: Path) -> None:
+    """Review finding 10: Docker names are lowercase; a mapping's non-number and a
+    lower below a file are said as such, not as Python's int() or 'does not exist'."""
+    from unionfs.image import parse_ref
+    from unionfs.options import ConfigError, build_config, check_paths
+
+    with pytest.raises(StoreError, match="must be lowercase"):
+        parse_ref("UPPER:x")
+    with pytest.raises(StoreError, match="must be lowercase"):
+        parse_ref("docker.io/Library/debian")
+    assert parse_ref("Registry.Example:5000/app:V1") == ("Registry.Example:5000/app", "V1")
+    with pytest.raises(ConfigError, match="of whole numbers, not '0:x:1'"):
+        build_config(["l", "m"], ["uidmapping=0:x:1"])
+    with pytest.raises(ConfigError, match="of whole numbers"):
+        build_config(["l", "m"], ["gidmapping=0:-1:1"])
+    (tmp / "file").write_text("x")
+    (tmp / "mnt").mkdir()
+    for lower in ("file", "file/sub"):
+        cfg = build_config([str(tmp / lower), str(tmp / "mnt")], [])
+        with pytest.raises(ConfigError, match="is not a directory"):
+            check_paths(cfg)

@@ -201,9 +201,9 @@ def parse_idmap(spec: str) -> IdMap:
     parts = spec.split(":")
     if not spec or len(parts) % 3:
         raise ValueError(f"a mapping is CONTAINER:HOST:SIZE[:...], not {spec!r}")
+    if not all(p.isdigit() and p.isascii() for p in parts):
+        raise ValueError(f"a mapping is CONTAINER:HOST:SIZE[:...] of whole numbers, not {spec!r}")
     nums = [int(p) for p in parts]
-    if any(n < 0 for n in nums):
-        raise ValueError(f"negative id in mapping {spec!r}")
     ranges = tuple((nums[i], nums[i + 1], nums[i + 2]) for i in range(0, len(nums), 3))
     if any(size == 0 for _, _, size in ranges):
         raise ValueError(f"empty range in mapping {spec!r}")

@@ -76,7 +76,21 @@ def parse_ref(ref: str) -> tuple[str, str]:
         name, tag = ref, DEFAULT_TAG
     if not name or not tag or name.endswith("/"):
         raise StoreError(f"invalid image reference {ref!r} (NAME[:TAG])")
+    if _path_part(name) != _path_part(name).lower():
+        raise StoreError(f"invalid image reference {ref!r}: the name must be lowercase")
     return name, tag
+
+
+def _path_part(name: str) -> str:
+    """A name without its registry (``Registry.Example:5000/app`` -> ``app``).
+
+    Docker's grammar allows capitals in the domain only; a first component
+    is a domain when it has a dot or a port, or is ``localhost``.
+    """
+    first, sep, rest = name.partition("/")
+    if sep and ("." in first or ":" in first or first == "localhost"):
+        return rest
+    return name
 
 
 def canonical(ref: str) -> str:

@@ -96,9 +96,15 @@ def test_oci_layout(tmp: Path, store: Store, compression: str) -> None:
 def test_oci_archive_named_from_the_layout(tmp: Path, store: Store) -> None:
     it.make_layout(tmp / "oci", [BASE, TOP], tag="v2")
     it.tar_dir(tmp / "oci", tmp / "oci.tar")
-    img = store.import_image(str(tmp / "oci.tar"))
-    assert img.ref == "v2:latest"  # ref.name is all an OCI layout gives
+    # ref.name 'v2' is a tag (skopeo, umoci): not a name, so one must be given.
+    with pytest.raises(ImageError, match="names only the tag 'v2': give a NAME"):
+        store.import_image(str(tmp / "oci.tar"))
+    assert store.images() == []
+    img = store.import_image(str(tmp / "oci.tar"), "app:v2")
     check_layers(img, store)
+    # A full reference in ref.name names the image.
+    it.make_layout(tmp / "named", [BASE, TOP], tag="localhost/app:v3")
+    assert store.import_image(str(tmp / "named")).ref == "localhost/app:v3"
 
 
 @pytest.mark.parametrize("style", ["legacy", "hybrid", "hybrid-gzip", "skopeo"])

@@ -323,13 +323,10 @@ class Store:
         the whole image is added, or (on any error) the store is unchanged.
         """
         if ref is not None:
-            ref = canonical(ref)
+            parse_ref(ref)  # a bad reference is refused before the source is read
         src, simg = layout.load_image(path, source_ref, platform)
         try:
-            if ref is None:
-                if not simg.name:
-                    raise ImageError(f"{path}: the image has no name: give one (NAME[:TAG])")
-                ref = canonical(simg.name)
+            ref = _ref_for(ref, simg, path)
             self._writable()
             with self._lock(exclusive=False):
                 return self._import(src, simg, ref, path, progress)
@@ -574,6 +571,25 @@ def _try_lock(fd: int, op: int, unsupported: bool = False) -> bool:
             return unsupported
         raise
     return True
+
+
+def _ref_for(given: str | None, simg: layout.SourceImage, path: str) -> str:
+    """The reference an import gets: the one given, else the source's name.
+
+    A layout that names only a tag (``ref.name`` = ``v1``, skopeo's and
+    umoci's reading) has no name to give: the import then asks for one,
+    rather than making the tag a name (``v1:latest``).
+    """
+    if given is not None:
+        return canonical(given)
+    if simg.name:
+        return canonical(simg.name)
+    if simg.tag:
+        raise ImageError(
+            f"{path}: the layout names only the tag {simg.tag!r}: give a NAME"
+            f" (it becomes NAME:{simg.tag})"
+        )
+    raise ImageError(f"{path}: the image has no name: give one (NAME[:TAG])")
 
 
 def _umask() -> int:

@@ -207,3 +207,48 @@ def test_ctrl_c_during_import_is_one_line_and_exit_130(tmp: Path) -> None:
     st = Store.open(str(store))
     assert st.layers() == [] and st.images() == []
     assert not list((store / "tmp").iterdir())  # the import removed its own directory
+
+
+def test_layer_renames_are_durable_before_the_record_and_gc_owns_the_rest(
+    tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review finding 8: layers/sha256 is fsynced after the renames, before the
+    image record; a later layer's failed rename leaves the earlier one whole but
+    unnamed, which gc removes (as the store's docstring says)."""
+    src = tmp / "oci"
+    it.make_layout(src, [FILES[:2], FILES[2:4]], compression="none")
+    store = Store.open(str(tmp / "store"))
+    synced: list[str] = []
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd: int) -> None:
+        synced.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    store.import_image(str(src), "ok:1")
+    layers_dir = str(tmp / "store/layers/sha256")
+    images_dir = str(tmp / "store/images")
+    assert layers_dir in synced and images_dir in synced
+    assert synced.index(layers_dir) < synced.index(images_dir)
+
+    src2 = tmp / "oci2"
+    it.make_layout(src2, [FILES[4:6], FILES[6:8]], compression="none")
+    renames = []
+
+    def rename(a, b, *args, **kw):
+        if "/layers/sha256/" in os.fspath(b):
+            renames.append(b)
+            if len(renames) == 2:
+                raise OSError(errno.EIO, "injected")
+        return real_rename(a, b, *args, **kw)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(OSError, match="injected"):
+        store.import_image(str(src2), "half:1")
+    monkeypatch.setattr(os, "rename", real_rename)
+    assert [r["ref"] for r in store.images()] == ["ok:1"]
+    assert len(store.layers()) == 3  # ok's two, and the earlier layer of half:1
+    removed, _ = store.gc()
+    assert removed == 1 and len(store.layers()) == 2
+    assert store.import_image(str(src2), "half:1").ref == "half:1"

@@ -16,9 +16,14 @@ extracted layer serves every image that has it, on any base.
 Atomicity: every new layer of an import is extracted and verified in
 ``tmp/`` first; only when all of them verified does a rename per layer move
 them into ``layers/`` (after one ``syncfs``, so a crash cannot leave a renamed
-but unwritten layer), and then the image record is written with a rename.  A
-failed verification, ENOSPC or SIGKILL therefore never leaves a half layer
-under ``layers/``; what it leaves in ``tmp/`` is removed by the next ``gc``.
+but unwritten layer), ``layers/sha256`` is fsynced, and then the image record
+is written with a rename.  A failed verification, ENOSPC or SIGKILL therefore
+never leaves a half layer under ``layers/``; what it leaves in ``tmp/`` is
+removed by the next ``gc``.  The one thing not undone: when a later layer's
+rename fails (or the process dies between the renames and the record), the
+layers already renamed stay in ``layers/``, whole but named by no image, and
+no mount can use them by name; the next ``gc`` removes them (a re-import
+reuses them instead).
 
 A store can be used read-only (a shared store on NFS): ``image()`` and
 ``images()`` only read.
@@ -360,9 +365,11 @@ class Store:
                     syncfs(fd)
                 finally:
                     os.close(fd)
+            parents = set()
             for tmp, diff_id in made:
                 final = os.path.dirname(self.layer_dir(diff_id))
                 os.makedirs(os.path.dirname(final), exist_ok=True)
+                parents.add(os.path.dirname(final))
                 try:
                     os.rename(tmp, final)
                 except OSError as e:
@@ -371,6 +378,8 @@ class Store:
                     # Another import committed the same layer meanwhile: keep theirs.
                     shutil.rmtree(tmp, ignore_errors=True)
             made = []
+            for d in sorted(parents):  # the renames are durable before the record names them
+                _fsync_dir(d)
             record = {
                 "ref": ref,
                 "layers": simg.diff_ids,
@@ -478,6 +487,7 @@ class Store:
                     if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
                         raise
                     # Another writer committed the same layer meanwhile: theirs stays.
+                _fsync_dir(os.path.dirname(final))
                 return got
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -604,6 +614,14 @@ def _size_of(f: Any) -> int:
     with contextlib.suppress(AttributeError):
         return int(f.size)  # tarfile's member reader
     return 0
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_atomic(path: str, data: bytes, durable: bool = True) -> None:

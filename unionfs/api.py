@@ -32,6 +32,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import TypeAlias
 
+from . import mountinfo
 from .options import ConfigError
 
 PathLike: TypeAlias = "str | os.PathLike[str]"
@@ -130,33 +131,8 @@ def _child_env() -> dict[str, str]:
 
 
 def _mount_ids(path: str) -> dict[int, str]:
-    """Mount ID -> fstype of every mount whose mount point is ``path`` (mountinfo)."""
-    out: dict[int, str] = {}
-    with open("/proc/self/mountinfo", "rb") as f:
-        for line in f.read().decode(errors="surrogateescape").splitlines():
-            left, _, right = line.partition(" - ")
-            fields = left.split(" ")
-            if _unescape(fields[4]) == path:
-                out[int(fields[0])] = right.split(" ")[0]
-    return out
-
-
-def _unescape(field: str) -> str:
-    """Undo mountinfo's octal escapes (``\\040`` for a space ...)."""
-    if "\\" not in field:
-        return field
-    raw = os.fsencode(field)
-    out = bytearray()
-    i = 0
-    while i < len(raw):
-        octal = raw[i + 1 : i + 4]
-        if raw[i : i + 1] == b"\\" and len(octal) == 3 and octal.isdigit():
-            out.append(int(octal, 8))
-            i += 4
-        else:
-            out.append(raw[i])
-            i += 1
-    return os.fsdecode(bytes(out))
+    """Mount ID -> fstype of every mount whose mount point is ``path``."""
+    return {e.mount_id: e.fstype for e in mountinfo.at(path)}
 
 
 def _read_report(fd: int, deadline: float | None) -> str | None:

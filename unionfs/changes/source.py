@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
-from .. import stackinfo
+from .. import mountinfo, stackinfo
 from ..options import ConfigError, build_config, default_workdir, split_lowerdirs
 
 
@@ -32,34 +32,10 @@ class Source:
     xattr_ns: str | None = None
 
 
-def _unescape(field: str) -> str:
-    """Undo mountinfo's octal escapes (``\\040`` for a space)."""
-    if "\\" not in field:
-        return field
-    raw = os.fsencode(field)
-    out = bytearray()
-    i = 0
-    while i < len(raw):
-        if raw[i : i + 1] == b"\\" and len(raw) >= i + 4 and raw[i + 1 : i + 4].isdigit():
-            out.append(int(raw[i + 1 : i + 4], 8))
-            i += 4
-        else:
-            out.append(raw[i])
-            i += 1
-    return os.fsdecode(bytes(out))
-
-
 def mount_at(path: str) -> tuple[str, str] | None:
     """(fstype, super options) of the topmost mount at ``path``, or None."""
-    target = os.path.realpath(path)
-    found = None
-    with open("/proc/self/mountinfo", "rb") as f:
-        for line in f.read().decode(errors="surrogateescape").splitlines():
-            left, _, right = line.partition(" - ")
-            parts, rparts = left.split(" "), right.split(" ")
-            if len(parts) > 4 and len(rparts) > 2 and _unescape(parts[4]) == target:
-                found = (rparts[0], _unescape(rparts[2]))
-    return found
+    found = mountinfo.at(os.path.realpath(path))
+    return (found[-1].fstype, found[-1].super_options) if found else None
 
 
 def _overlay_options(options: str) -> dict[str, str]:

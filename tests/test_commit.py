@@ -194,7 +194,8 @@ def test_commit_and_export_round_trip(env, unionfs) -> None:
     m2 = unionfs(["image:new:2"], opts=opts, user=user)
     after = run_as(user, view, m2.mnt)
     m2.close()
-    assert diff_snapshots(before, after, ("old mount", "new image")) == []
+    problems = diff_snapshots(before, after, ("old mount", "new image"))
+    assert problems == [], "\n".join(problems)
 
     # OCI layout: skopeo and umoci accept it, umoci's rootfs is the merged view.
     out = work / "out"

@@ -26,7 +26,7 @@ import stat as stat_mod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from .. import markers
+from .. import markers, ownership
 from ..layers import Entry, LayerStack
 from ..markers import Opacity
 
@@ -106,18 +106,48 @@ class Change:
 
 
 def owner_of(st: os.stat_result, xattrs: dict[bytes, bytes]) -> tuple[int, int]:
-    """The owner an object shows: THE one place where rootless ownership metadata applies.
-
-    A rootless mount cannot chown, so it may keep the intended owner in an
-    xattr (``unionfs.ownership``, issue 12).  Until that module is on main the
-    real owner is used; then this function reads its override and
-    ``OWNERSHIP_XATTRS`` lists the xattrs that must not be exported as such.
-    """
+    """The owner an object shows: ``st`` is already ``shown()`` (ownership metadata applied)."""
     return st.st_uid, st.st_gid
 
 
-#: Xattrs that carry ownership metadata rather than user data (see owner_of).
-OWNERSHIP_XATTRS: frozenset[bytes] = frozenset()
+#: Xattrs that carry ownership metadata rather than user data: never exported as such.
+OWNERSHIP_XATTRS: frozenset[bytes] = ownership.OWNERSHIP_XATTRS
+
+
+class ShownStat:
+    """An lstat with the owner, mode, type and device numbers its ownership metadata records.
+
+    A rootless mount (or extraction) cannot chown, set set-id bits on or
+    mknod its files, so it keeps what they are in ``unionfs.ownership``'s
+    xattrs; every tool must read an object as the mount shows it.  The other
+    fields (size, times, inode, links) are the real ones.
+    """
+
+    __slots__ = ("_real", "st_gid", "st_mode", "st_rdev", "st_uid")
+
+    def __init__(self, real: os.stat_result, ov: ownership.Override) -> None:
+        self._real = real
+        self.st_mode, self.st_uid, self.st_gid, self.st_rdev = ownership.shown_stat(real, ov)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._real, name)
+
+
+def shown(
+    st: os.stat_result, dir_fd: int, name: bytes | None, names: list[bytes]
+) -> os.stat_result:
+    """``st`` as the mount shows it, given the object's xattr ``names`` (one listing:
+    values are read only when ownership metadata is there, which is rare)."""
+    if not any(n in OWNERSHIP_XATTRS for n in names):
+        return st
+    path = _xattr_path(dir_fd, name)
+    values = {}
+    for n in names:
+        if n in OWNERSHIP_XATTRS:
+            with contextlib.suppress(OSError):
+                values[n] = os.getxattr(path, n, follow_symlinks=name is None)
+    ov = ownership.from_xattrs(values)
+    return st if ov is None else ShownStat(st, ov)  # type: ignore[return-value]
 
 
 # -- reading one object -------------------------------------------------------------
@@ -229,6 +259,15 @@ class Scanner:
         except OSError:
             return {}
 
+    def _lower_shown(self, entry: Entry, path: Path) -> os.stat_result:
+        """The lower object's lstat as the mount shows it (a rootless store's metadata)."""
+        dir_fd = self.stack.dirfd(entry.layer, path[:-1])
+        try:
+            names = list_xattrs(dir_fd, path[-1])
+        except OSError:
+            return entry.st
+        return shown(entry.st, dir_fd, path[-1], names)
+
     def _lower_same_content(self, entry: Entry, path: Path, up_fd: int, name: bytes) -> bool:
         try:
             lfd = os.open(
@@ -265,7 +304,7 @@ class Scanner:
         entry: Entry,
     ) -> frozenset[str]:
         path = (*parent.path, name)
-        lst = entry.st
+        lst = self._lower_shown(entry, path)
         if stat_mod.S_IFMT(st.st_mode) != stat_mod.S_IFMT(lst.st_mode):
             return frozenset({"type"})
         out = set()
@@ -397,7 +436,9 @@ class Scanner:
         path = (*d.path, name)
         entry = self._lower_lookup(d, name)
         is_dir = stat_mod.S_ISDIR(st.st_mode)
-        xattrs = read_xattrs(d.fd, name, list_xattrs(d.fd, name))
+        xnames = list_xattrs(d.fd, name)
+        xattrs = read_xattrs(d.fd, name, xnames)
+        st = shown(st, d.fd, name, xnames)
         owner = owner_of(st, xattrs)
         change = Change(path, Kind.ADDED, st=st, xattrs=xattrs, owner=owner)
         if entry is not None:

@@ -24,6 +24,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tarfile
 from pathlib import Path
 
 import imagetools as it
@@ -226,6 +227,19 @@ def test_commit_and_export_round_trip(env, unionfs) -> None:
     theirs = view(bundle / "rootfs", exclude=aside)
     assert diff_snapshots(snapshot_without(before, aside), theirs, ("mount", "umoci")) == []
 
+    # The new layer as a tar: owners and set-id bits as the image has them (a rootless
+    # mount keeps them as metadata), the deletions as .wh. entries.
+    top = e1["layers"][-1]
+    blob = out / "blobs/sha256" / top["digest"].split(":", 1)[1]
+    with tarfile.open(blob) as t:
+        entries = {m.name: m for m in t.getmembers()}
+    assert entries["bin/tool"].mode == 0o4755 and entries["bin/tool"].uid == 0
+    assert entries["bin/tool3"].islnk() or entries["bin/tool"].islnk()
+    assert "etc/.wh.passwd" in entries and "var/.wh..wh..opq" in entries
+    assert not any("override" in k for m in entries.values() for k in m.pax_headers)
+    # The re-tarred layer is the one commit streamed into the store.
+    assert top["diffID"] == doc["diff_ids"][-1]
+
     # Twice: the same digests, the same bytes.
     out2 = work / "out2"
     e2 = json.loads(
@@ -348,3 +362,27 @@ def test_unwritable_output_as_the_user(tmp: Path, unpriv_user: User) -> None:
         "not writable",
     )
     assert tree_of(tmp) == before
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="as root")
+def test_commit_a_container_by_name(tmp: Path, unionfs, monkeypatch) -> None:
+    """A CONTAINER argument is ``unionfs run``'s container dir (containers_root()/NAME):
+    its upper, the stack its mount recorded in its work dir, and its recorded image."""
+    store = tmp / "store"
+    monkeypatch.setenv("UNIONFS_STORE", str(store))
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp / "data"))
+    src = tmp / "src"
+    it.make_layout(src, [BASE, TOP], tag="base")
+    ok(run_unionfs("image", "import", "-q", str(src), "base:1", store=store))
+    cdir = tmp / "data/unionfs/containers/ctr1"
+    (cdir / "upper").mkdir(parents=True)
+    (cdir / "work").mkdir()
+    (cdir / "container.json").write_text(json.dumps({"image": "base:1"}))
+    m = unionfs(["image:base:1"], cdir / "upper", opts=[f"workdir={cdir / 'work'}"])
+    _sh(None, "echo hi > hello && rm etc/new.conf", m.mnt)
+    before = view(m.mnt)
+    m.close()
+    r = ok(run_unionfs("commit", "--json", "ctr1", "fromctr", store=store))
+    assert json.loads(r.stdout)["ref"] == "fromctr:latest"
+    m2 = unionfs(["image:fromctr"])
+    assert diff_snapshots(before, view(m2.mnt)) == []

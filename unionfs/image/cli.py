@@ -196,8 +196,12 @@ def _export(store: Store, args: argparse.Namespace) -> int:
     term = TermProgress() if sys.stderr.isatty() and not args.quiet else None
     diff_ids = list(img.diff_ids)
 
+    last = [0.0]
+
     def progress(number: int, count: int, done: int) -> None:
-        if term is not None:
+        now = time.monotonic()  # the blob's final size is unknown: a line every 0.1 s
+        if term is not None and now - last[0] >= 0.1:
+            last[0] = now
             term(diff_ids[number - 1], number, count, done, 0)
 
     try:

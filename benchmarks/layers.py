@@ -196,7 +196,8 @@ def main() -> int:
         args.files, args.small = 5000, 500
     work = Path(tempfile.mkdtemp(prefix="unionfs-layers-bench-", dir=args.dir))
     try:
-        bench_diff(work, args.files, args.changes)
+        if args.files:  # --files 0: export and apply only
+            bench_diff(work, args.files, args.changes)
         bench_small(work, args.small)
     finally:
         shutil.rmtree(work, ignore_errors=True)

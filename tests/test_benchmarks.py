@@ -30,6 +30,9 @@ def test_quick_benchmark_runs(tmp_path):
     )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert "| stat-walk (cold) |" in r.stdout and "unionfs" in r.stdout
+    # the shapes of issue 16 ran too, on every target (a failure makes the exit status 1)
+    for row in ("mount (cold)", "walk (warm)", "read-4procs (cold)", "git-status-5k (cold)"):
+        assert f"| {row} |" in r.stdout, row
     (result,) = (tmp_path / "out").iterdir()
     assert (result / "results.json").stat().st_size > 0
     # every scratch tree set aside during the run is gone at its end

@@ -96,9 +96,15 @@ def test_oci_layout(tmp: Path, store: Store, compression: str) -> None:
 def test_oci_archive_named_from_the_layout(tmp: Path, store: Store) -> None:
     it.make_layout(tmp / "oci", [BASE, TOP], tag="v2")
     it.tar_dir(tmp / "oci", tmp / "oci.tar")
-    img = store.import_image(str(tmp / "oci.tar"))
-    assert img.ref == "v2:latest"  # ref.name is all an OCI layout gives
+    # ref.name 'v2' is a tag (skopeo, umoci): not a name, so one must be given.
+    with pytest.raises(ImageError, match="names only the tag 'v2': give a NAME"):
+        store.import_image(str(tmp / "oci.tar"))
+    assert store.images() == []
+    img = store.import_image(str(tmp / "oci.tar"), "app:v2")
     check_layers(img, store)
+    # A full reference in ref.name names the image.
+    it.make_layout(tmp / "named", [BASE, TOP], tag="localhost/app:v3")
+    assert store.import_image(str(tmp / "named")).ref == "localhost/app:v3"
 
 
 @pytest.mark.parametrize("style", ["legacy", "hybrid", "hybrid-gzip", "skopeo"])
@@ -501,3 +507,26 @@ def test_merged_view_equals_umoci_unpack(tmp: Path, store: Store, unionfs) -> No
         snapshot(tmp / "bundle/rootfs", exclude=exclude),
     )
     assert diff_snapshots(ours, theirs, ("unionfs", "umoci")) == []
+
+
+def test_one_line_errors_for_bad_refs_mappings_and_lowers(tmp: Path) -> None:
+    """Review finding 10: Docker names are lowercase; a mapping's non-number and a
+    lower below a file are said as such, not as Python's int() or 'does not exist'."""
+    from unionfs.image import parse_ref
+    from unionfs.options import ConfigError, build_config, check_paths
+
+    with pytest.raises(StoreError, match="must be lowercase"):
+        parse_ref("UPPER:x")
+    with pytest.raises(StoreError, match="must be lowercase"):
+        parse_ref("docker.io/Library/debian")
+    assert parse_ref("Registry.Example:5000/app:V1") == ("Registry.Example:5000/app", "V1")
+    with pytest.raises(ConfigError, match="of whole numbers, not '0:x:1'"):
+        build_config(["l", "m"], ["uidmapping=0:x:1"])
+    with pytest.raises(ConfigError, match="of whole numbers"):
+        build_config(["l", "m"], ["gidmapping=0:-1:1"])
+    (tmp / "file").write_text("x")
+    (tmp / "mnt").mkdir()
+    for lower in ("file", "file/sub"):
+        cfg = build_config([str(tmp / lower), str(tmp / "mnt")], [])
+        with pytest.raises(ConfigError, match="is not a directory"):
+            check_paths(cfg)

@@ -864,3 +864,19 @@ def test_tar_stream_writes_what_tarfile_writes(tmp: Path):
             os.close(fd)
     stream.close()
     assert ours.getvalue() == ref.getvalue()
+
+
+def test_rootless_ownership_metadata_gives_the_exported_owner(tmp: Path):
+    lower, upper = tmp / "lower", tmp / "upper"
+    lower.mkdir()
+    upper.mkdir()
+    (upper / "f").write_text("f\n")
+    os.setxattr(upper / "f", "user.containers.override_stat", b"1234:5678:0644:file")
+    os.setxattr(upper / "f", "user.k", b"v")
+    layer = tmp / "l.tar"
+    r = run_unionfs("export-layer", str(upper), "--lower", str(lower), "-o", str(layer))
+    assert r.returncode == 0, r.stderr
+    with tarfile.open(layer) as tf:
+        ti = tf.getmember("f")
+    assert (ti.uid, ti.gid) == (1234, 5678)
+    assert ti.pax_headers == {"SCHILY.xattr.user.k": "v"}  # the metadata is not exported

@@ -466,3 +466,55 @@ def test_owners_from_the_side_table(
     assert ls_ln(mnt / "bin", unpriv_user)["su"][:3] == ("-rwsr-xr-x", "0", "0")
     assert ls_ln(mnt / "dev", unpriv_user)["null"] == ("crw-rw-rw-", "0", "0", "1,3")
     assert ls_ln(mnt, unpriv_user)["bin"][:3] == ("drwxr-xr-x", "0", "0")
+
+
+def test_getattr_reads_an_objects_override_once(tmp: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Review finding 12: the override is remembered per node; a getattr of a
+    known object reads no xattr (before: one listxattr and more per call)."""
+    import pyfuse3
+    import trio
+
+    from unionfs.inodes import InodeTable
+    from unionfs.layers import LayerStack
+    from unionfs.operations import UnionOperations
+    from unionfs.options import MountConfig
+
+    (tmp / "lower").mkdir()
+    (tmp / "up").mkdir()
+    os.setxattr(tmp / "lower", ownership.CONTAINERS_XATTR, b"0:0:0755:dir")
+    (tmp / "up/f").write_bytes(b"")
+    os.setxattr(tmp / "up/f", ownership.CONTAINERS_XATTR, b"7:8:0640:file")
+    stack = LayerStack([str(tmp / "lower")], str(tmp / "up"))
+    try:
+        cfg = MountConfig(
+            lowers=[str(tmp / "lower")],
+            upper=str(tmp / "up"),
+            mountpoint=str(tmp),
+            read_only=True,
+            xattr_permissions=2,
+        )
+        ops = UnionOperations(stack, InodeTable(stack), cfg, None)
+        reads = []
+        real = ownership.read_override_xattrs
+        monkeypatch.setattr(
+            ownership, "read_override_xattrs", lambda *a: reads.append(a) or real(*a)
+        )
+
+        async def main() -> list[tuple[int, int, int]]:
+            a = await ops.lookup(pyfuse3.ROOT_INODE, b"f", None)
+            seen = []
+            for _ in range(5):
+                g = await ops.getattr(a.st_ino, None)
+                seen.append((g.st_uid, g.st_gid, g.st_mode & 0o7777))
+            assert len(reads) == 1
+            os.setxattr(tmp / "up/f", ownership.CONTAINERS_XATTR, b"9:9:0600:file")
+            assert ops.owners is not None
+            ops.owners.forget_node(a.st_ino)  # what setattr/setxattr do
+            g = await ops.getattr(a.st_ino, None)
+            seen.append((g.st_uid, g.st_gid, g.st_mode & 0o7777))
+            return seen
+
+        seen = trio.run(main)
+        assert seen == [(7, 8, 0o640)] * 5 + [(9, 9, 0o600)]
+    finally:
+        stack.close()

@@ -43,7 +43,8 @@ def _parser() -> argparse.ArgumentParser:
         ),
         epilog=(
             "Options for -o: ro, workdir=DIR, timeout=S, entry_timeout=S, attr_timeout=S,"
-            " negative_timeout=S, whiteout=kernel|oci, nonempty, allow_other, noallow_other,"
+            " negative_timeout=S, whiteout=kernel|oci, metacopy=on|off, nonempty, allow_other,"
+            " noallow_other,"
             " fsname=NAME, lowerdir=L1:L2, upperdir=DIR, uidmapping=C:H:S, gidmapping=C:H:S,"
             " squash_to_root, squash_to_uid=U, squash_to_gid=G, xattr_permissions=0|2, and the"
             " mount flags nosuid, nodev, noexec, noatime, ... (see README). LOWER may be"

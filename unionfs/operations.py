@@ -180,11 +180,14 @@ class UnionOperations(pyfuse3.Operations):
         assert self.owners is not None
         if node.unlinked:
             return self.owners.present(-1, -1, None, b"", st)
-        if node.is_dir:
-            dir_fd, name = self.stack.dirfd(node.layer, node.path()), None
-        else:
-            dir_fd, name = self.stack.dirfd(node.layer, node.dirpath()), node.name
-        return self.owners.present(node.layer, dir_fd, name, b"/".join(node.path()), st)
+
+        def where() -> tuple[int, bytes | None, bytes]:  # only when not known yet
+            if node.is_dir:
+                return self.stack.dirfd(node.layer, node.path()), None, b"/".join(node.path())
+            dir_fd = self.stack.dirfd(node.layer, node.dirpath())
+            return dir_fd, node.name, b"/".join(node.path())
+
+        return self.owners.present_override(self.owners.node_override(node, where), st)
 
     def _stat(self, node: Node) -> os.stat_result:
         """Fresh lstat of the node's topmost real object.
@@ -647,6 +650,8 @@ class UnionOperations(pyfuse3.Operations):
         node = self.table[inode]
         to_zero = fields.update_size and attr.st_size == 0
         await upper.copyup.copy_up(node, with_data=not to_zero, meta_only=not fields.update_size)
+        if self.owners is not None:
+            self.owners.forget_node(inode)  # chown/chmod may rewrite its override
         handle = self._files.get(fh) if fh is not None else None
         ofd = self._object_fd(node)
         try:
@@ -771,6 +776,8 @@ class UnionOperations(pyfuse3.Operations):
             change(b"/proc/self/fd/%d" % ofd)
         finally:
             node.xattrs = None
+            if self.owners is not None:
+                self.owners.forget_node(inode)
             os.close(ofd)
 
     @_guard

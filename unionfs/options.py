@@ -382,6 +382,26 @@ def _ownership_option(cfg: MountConfig, key: str, value: str) -> None:
         cfg.xattr_permissions = int(value)
 
 
+def _unreachable(path: str) -> str | None:
+    """Why ``path`` cannot be stat'ed, in words (None: it can).
+
+    os.path.exists says False for all of them; a file named as a directory
+    on the way (ENOTDIR) or a directory one may not search (EACCES) is not
+    "does not exist".
+    """
+    try:
+        os.stat(path)
+    except FileNotFoundError:
+        return "does not exist"
+    except NotADirectoryError:
+        return "is not a directory (a file is named as a directory in it)"
+    except PermissionError:
+        return "cannot be reached (permission denied)"
+    except OSError as e:
+        return f"cannot be reached ({e.strerror})"
+    return None
+
+
 def _inside(child: str, parent: str) -> bool:
     """True when ``child`` is ``parent`` or below it (both real, absolute paths)."""
     return child == parent or child.startswith(parent.rstrip("/") + "/")
@@ -428,8 +448,9 @@ def check_paths(
         )
 
     def real_dir(path: str, what: str) -> str:
-        if not os.path.exists(path):
-            raise ConfigError(f"{what} {path!r} does not exist")
+        why = _unreachable(path)
+        if why is not None:
+            raise ConfigError(f"{what} {path!r} {why}")
         if not os.path.isdir(path):
             raise ConfigError(f"{what} {path!r} is not a directory")
         return os.path.realpath(path)

@@ -34,8 +34,9 @@ import errno
 import os
 import stat as stat_mod
 from collections import abc
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
+from typing import Any
 
 #: containers/storage and fuse-overlayfs >= 1.14: the format written here.
 CONTAINERS_XATTR = b"user.containers.override_stat"
@@ -201,9 +202,9 @@ def parse_idmap(spec: str) -> IdMap:
     parts = spec.split(":")
     if not spec or len(parts) % 3:
         raise ValueError(f"a mapping is CONTAINER:HOST:SIZE[:...], not {spec!r}")
+    if not all(p.isdigit() and p.isascii() for p in parts):
+        raise ValueError(f"a mapping is CONTAINER:HOST:SIZE[:...] of whole numbers, not {spec!r}")
     nums = [int(p) for p in parts]
-    if any(n < 0 for n in nums):
-        raise ValueError(f"negative id in mapping {spec!r}")
     ranges = tuple((nums[i], nums[i + 1], nums[i + 2]) for i in range(0, len(nums), 3))
     if any(size == 0 for _, _, size in ranges):
         raise ValueError(f"empty range in mapping {spec!r}")
@@ -488,6 +489,11 @@ class Presenter:
             if table:
                 self.tables[i] = table
         self._cache: dict[tuple[int, bytes], Override | None] = {}
+        #: The override each merged object shows, by inode: (node, layer, override).
+        #: The node itself is checked (a recycled inode number is another
+        #: object) and the layer too (a copy-up moves the object); setattr and
+        #: xattr changes drop the entry (forget_node).
+        self._nodes: dict[int, tuple[object, int, Override | None]] = {}
         if self.active and self.record and self.upper is not None:
             self._mark_upper_root(layer_fds)
 
@@ -523,6 +529,40 @@ class Presenter:
             self._cache.clear()
         self._cache[ck] = ov
         return ov
+
+    def node_override(
+        self, node: Any, where: Callable[[], tuple[int, bytes | None, bytes]]
+    ) -> Override | None:
+        """The override a merged object (an inodes.Node) shows, remembered per node.
+
+        ``where()`` gives (dir_fd, name, key) for a lookup and is called only
+        on a miss, so a getattr of a cached or unmarked object builds no path
+        and opens no directory.
+        """
+        layer = node.layer
+        if not self.active or (layer not in self.marked and layer != self.upper):
+            return None
+        hit = self._nodes.get(node.ino)
+        if hit is not None and hit[0] is node and hit[1] == layer:
+            return hit[2]
+        dir_fd, name, key = where()
+        ov = self.lookup(layer, dir_fd, name, key)
+        if len(self._nodes) >= self.CACHE:
+            self._nodes.clear()
+        self._nodes[node.ino] = (node, layer, ov)
+        return ov
+
+    def forget_node(self, ino: int) -> None:
+        """Drop what is remembered of an object (its override may have changed)."""
+        self._nodes.pop(ino, None)
+
+    def present_override(
+        self, ov: Override | None, st: os.stat_result
+    ) -> tuple[int, int, int, int]:
+        """(st_mode, st_uid, st_gid, st_rdev) shown for a real ``st`` and its override."""
+        mode, uid, gid, rdev = shown_stat(st, ov)
+        uid, gid = self.mapping.shown(uid, gid)
+        return mode, uid, gid, rdev
 
     def present(
         self, layer: int, dir_fd: int, name: bytes | None, key: bytes, st: os.stat_result

@@ -75,8 +75,8 @@ def instrument(table: Any, stack: Any, copyup: Any | None) -> None:
     entries = COUNTERS.cache("entries")
     cached_child = table.cached_child
 
-    def counted_child(parent: Any, name: bytes) -> Any:
-        node = cached_child(parent, name)
+    def counted_child(*args: Any, **kwargs: Any) -> Any:
+        node = cached_child(*args, **kwargs)
         entries[node is None] += 1
         return node
 
@@ -87,10 +87,10 @@ def instrument(table: Any, stack: Any, copyup: Any | None) -> None:
     fd_cache = getattr(stack, "_cache", None)
     if isinstance(fd_cache, dict):  # the descriptor cache; peeked at, never changed
 
-        def counted_dirfd(layer: int, path: tuple[bytes, ...]) -> int:
+        def counted_dirfd(layer: int, path: tuple[bytes, ...], *rest: Any) -> int:
             if path:
                 dir_fds[(layer, path) not in fd_cache] += 1
-            return dirfd(layer, path)
+            return dirfd(layer, path, *rest)
 
         stack.dirfd = counted_dirfd
 
@@ -103,16 +103,17 @@ def _counted_copy_up(copy_up: Callable[..., Any], stack: Any) -> Callable[..., A
     totals = COUNTERS.copyups
 
     @functools.wraps(copy_up)
-    async def counted(node: Any, with_data: bool = True, meta_only: bool = False) -> None:
+    async def counted(node: Any, with_data: bool = True, meta_only: bool = False) -> Any:
         if node.is_dir or (node.layer == 0 and not node.metacopy):
             return await copy_up(node, with_data, meta_only)
         start = time.perf_counter_ns()
-        await copy_up(node, with_data, meta_only)
+        result = await copy_up(node, with_data, meta_only)
         totals["ns"] += time.perf_counter_ns() - start
         totals["count"] += 1
         if with_data and not node.metacopy:  # a metadata-only copy moved no data
             st = stack.lstat(0, node.dirpath(), node.name)
             totals["bytes"] += st.st_size if st is not None else 0
+        return result
 
     return counted
 

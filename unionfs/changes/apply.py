@@ -592,8 +592,18 @@ class _Run:
             os.unlink(name, dir_fd=pfd)
 
 
+#: Files below this size are copied with read/write: copy_file_range of a file
+#: with dirty pages may write them back first (profiled in benchmarks/layers.py:
+#: 0.29 ms per call for just-written 512-byte files on ext4).
+_SMALL_COPY = 1 << 20
+
+
 def _copy(src: int, dst: int) -> None:
-    """Copy a whole file between descriptors, in the kernel when it can."""
+    """Copy a whole file between descriptors, in the kernel when it is big enough to pay."""
+    if os.fstat(src).st_size < _SMALL_COPY:
+        while chunk := os.read(src, _SMALL_COPY):
+            os.write(dst, chunk)
+        return
     while True:
         try:
             n = os.copy_file_range(src, dst, 1 << 30)

@@ -124,8 +124,8 @@ class Converter:
         subdirs: list[tuple[Path, int]] = []
         had_xattr_whiteouts = False
         for name in names:
-            if name == markers.OPAQUE_NAME:
-                continue
+            if name == markers.OPAQUE_NAME or name.startswith(b".wh..wh."):
+                continue  # the opaque marker, handled below; AUFS meta names (side table)
             target = markers.oci_whiteout_target(name)
             if markers.is_marker_name(name):
                 if target is None or b"/" in target:

@@ -106,20 +106,36 @@ class Change:
 
 
 def owner_of(st: os.stat_result, xattrs: dict[bytes, bytes]) -> tuple[int, int]:
-    """The owner an object shows: ``st`` is already ``shown()`` (ownership metadata applied)."""
-    return st.st_uid, st.st_gid
+    """The owner an object shows: THE one place where rootless ownership metadata applies.
+
+    A rootless mount or unpack cannot chown, so it keeps the intended owner in
+    an xattr (``user.containers.override_stat``, ``user.rootlesscontainers``,
+    ...: ``unionfs.ownership``); ``xattrs`` are the object's xattrs with
+    those included; the override's mode and type apply through ``shown``.
+    Not read yet: the side table for objects that cannot carry user xattrs
+    (symlinks, fifos).
+    """
+    ov = ownership.from_xattrs(xattrs)
+    return (st.st_uid, st.st_gid) if ov is None else (ov.uid, ov.gid)
 
 
-#: Xattrs that carry ownership metadata rather than user data: never exported as such.
+#: Xattrs that carry ownership metadata rather than user data (see owner_of):
+#: never exported or compared as such.
 OWNERSHIP_XATTRS: frozenset[bytes] = ownership.OWNERSHIP_XATTRS
 
 
-class ShownStat:
-    """An lstat with the owner, mode, type and device numbers its ownership metadata records.
+def user_xattrs(xattrs: dict[bytes, bytes]) -> dict[bytes, bytes]:
+    """``xattrs`` without the ownership metadata."""
+    return {k: v for k, v in xattrs.items() if k not in OWNERSHIP_XATTRS}
 
-    A rootless mount (or extraction) cannot chown, set set-id bits on or
-    mknod its files, so it keeps what they are in ``unionfs.ownership``'s
-    xattrs; every tool must read an object as the mount shows it.  The other
+
+class ShownStat:
+    """An lstat with the mode, type, owner and device numbers its ownership metadata records.
+
+    A rootless mount cannot set set-id bits on, chown or mknod what it copies
+    up or creates: the real file is the user's (0755 for a 4755 root file) and
+    the truth is in the override xattr.  A tool must read the object as the
+    mount shows it, or a commit loses set-id bits and device nodes.  The other
     fields (size, times, inode, links) are the real ones.
     """
 
@@ -133,20 +149,9 @@ class ShownStat:
         return getattr(self._real, name)
 
 
-def shown(
-    st: os.stat_result, dir_fd: int, name: bytes | None, names: list[bytes]
-) -> os.stat_result:
-    """``st`` as the mount shows it, given the object's xattr ``names`` (one listing:
-    values are read only when ownership metadata is there, which is rare)."""
-    if not any(n in OWNERSHIP_XATTRS for n in names):
-        return st
-    path = _xattr_path(dir_fd, name)
-    values = {}
-    for n in names:
-        if n in OWNERSHIP_XATTRS:
-            with contextlib.suppress(OSError):
-                values[n] = os.getxattr(path, n, follow_symlinks=name is None)
-    ov = ownership.from_xattrs(values)
+def shown(st: os.stat_result, xattrs: dict[bytes, bytes]) -> os.stat_result:
+    """``st`` as the mount shows it, given the object's xattrs (ownership ones included)."""
+    ov = ownership.from_xattrs(xattrs)
     return st if ov is None else ShownStat(st, ov)  # type: ignore[return-value]
 
 
@@ -171,11 +176,11 @@ def list_xattrs(dir_fd: int, name: bytes | None) -> list[bytes]:
 
 
 def read_xattrs(dir_fd: int, name: bytes | None, names: list[bytes]) -> dict[bytes, bytes]:
-    """The values of the visible xattrs among ``names`` (private and ownership ones left out)."""
+    """The values of the non-private xattrs among ``names`` (ownership ones included)."""
     out: dict[bytes, bytes] = {}
     path = _xattr_path(dir_fd, name)
     for x in sorted(names):
-        if markers.is_private_xattr(x) or x in OWNERSHIP_XATTRS:
+        if markers.is_private_xattr(x):
             continue
         try:
             out[x] = os.getxattr(path, x, follow_symlinks=name is None)
@@ -259,15 +264,6 @@ class Scanner:
         except OSError:
             return {}
 
-    def _lower_shown(self, entry: Entry, path: Path) -> os.stat_result:
-        """The lower object's lstat as the mount shows it (a rootless store's metadata)."""
-        dir_fd = self.stack.dirfd(entry.layer, path[:-1])
-        try:
-            names = list_xattrs(dir_fd, path[-1])
-        except OSError:
-            return entry.st
-        return shown(entry.st, dir_fd, path[-1], names)
-
     def _lower_same_content(self, entry: Entry, path: Path, up_fd: int, name: bytes) -> bool:
         try:
             lfd = os.open(
@@ -304,7 +300,8 @@ class Scanner:
         entry: Entry,
     ) -> frozenset[str]:
         path = (*parent.path, name)
-        lst = self._lower_shown(entry, path)
+        lxattrs = self._lower_xattrs(entry, path)
+        lst = shown(entry.st, lxattrs)
         if stat_mod.S_IFMT(st.st_mode) != stat_mod.S_IFMT(lst.st_mode):
             return frozenset({"type"})
         out = set()
@@ -324,9 +321,9 @@ class Scanner:
             stat_mod.S_IMODE(st.st_mode) != stat_mod.S_IMODE(lst.st_mode)
         ):
             out.add("mode")
-        lxattrs = self._lower_xattrs(entry, path)
         if owner != owner_of(lst, lxattrs):
             out.add("owner")
+        lxattrs = user_xattrs(lxattrs)
         if st.st_mtime_ns != lst.st_mtime_ns:
             out.add("times")
         if xattrs != lxattrs:
@@ -395,6 +392,8 @@ class Scanner:
             if name == markers.OPAQUE_NAME:
                 self._check_marker_file(d.fd, name, d.path)
                 continue
+            if name.startswith(b".wh..wh."):
+                continue  # AUFS meta names (the ownership side table): no whiteout
             if markers.is_marker_name(name):
                 target = markers.oci_whiteout_target(name)
                 if target is None or b"/" in target:
@@ -436,10 +435,10 @@ class Scanner:
         path = (*d.path, name)
         entry = self._lower_lookup(d, name)
         is_dir = stat_mod.S_ISDIR(st.st_mode)
-        xnames = list_xattrs(d.fd, name)
-        xattrs = read_xattrs(d.fd, name, xnames)
-        st = shown(st, d.fd, name, xnames)
+        xattrs = read_xattrs(d.fd, name, list_xattrs(d.fd, name))
+        st = shown(st, xattrs)
         owner = owner_of(st, xattrs)
+        xattrs = user_xattrs(xattrs)
         change = Change(path, Kind.ADDED, st=st, xattrs=xattrs, owner=owner)
         if entry is not None:
             change.lower = entry.st

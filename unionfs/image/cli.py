@@ -93,6 +93,11 @@ def main(prog: str, argv: list[str]) -> int:
     except ImageError as e:
         print(f"{prog}: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        # Ctrl-C: the import's cleanup has run (its tmp/ directory is gone, or
+        # left for gc if a second Ctrl-C cut it short); the store has no half layer.
+        print(f"\n{prog}: interrupted", file=sys.stderr)
+        return 130
     except BrokenPipeError:  # the reader (head, less) went away: not an error of ours
         with contextlib.suppress(OSError):
             sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - no flush error at exit

@@ -16,9 +16,14 @@ extracted layer serves every image that has it, on any base.
 Atomicity: every new layer of an import is extracted and verified in
 ``tmp/`` first; only when all of them verified does a rename per layer move
 them into ``layers/`` (after one ``syncfs``, so a crash cannot leave a renamed
-but unwritten layer), and then the image record is written with a rename.  A
-failed verification, ENOSPC or SIGKILL therefore never leaves a half layer
-under ``layers/``; what it leaves in ``tmp/`` is removed by the next ``gc``.
+but unwritten layer), ``layers/sha256`` is fsynced, and then the image record
+is written with a rename.  A failed verification, ENOSPC or SIGKILL therefore
+never leaves a half layer under ``layers/``; what it leaves in ``tmp/`` is
+removed by the next ``gc``.  The one thing not undone: when a later layer's
+rename fails (or the process dies between the renames and the record), the
+layers already renamed stay in ``layers/``, whole but named by no image, and
+no mount can use them by name; the next ``gc`` removes them (a re-import
+reuses them instead).
 
 A store can be used read-only (a shared store on NFS): ``image()`` and
 ``images()`` only read.
@@ -76,7 +81,21 @@ def parse_ref(ref: str) -> tuple[str, str]:
         name, tag = ref, DEFAULT_TAG
     if not name or not tag or name.endswith("/"):
         raise StoreError(f"invalid image reference {ref!r} (NAME[:TAG])")
+    if _path_part(name) != _path_part(name).lower():
+        raise StoreError(f"invalid image reference {ref!r}: the name must be lowercase")
     return name, tag
+
+
+def _path_part(name: str) -> str:
+    """A name without its registry (``Registry.Example:5000/app`` -> ``app``).
+
+    Docker's grammar allows capitals in the domain only; a first component
+    is a domain when it has a dot or a port, or is ``localhost``.
+    """
+    first, sep, rest = name.partition("/")
+    if sep and ("." in first or ":" in first or first == "localhost"):
+        return rest
+    return name
 
 
 def canonical(ref: str) -> str:
@@ -309,13 +328,10 @@ class Store:
         the whole image is added, or (on any error) the store is unchanged.
         """
         if ref is not None:
-            ref = canonical(ref)
+            parse_ref(ref)  # a bad reference is refused before the source is read
         src, simg = layout.load_image(path, source_ref, platform)
         try:
-            if ref is None:
-                if not simg.name:
-                    raise ImageError(f"{path}: the image has no name: give one (NAME[:TAG])")
-                ref = canonical(simg.name)
+            ref = _ref_for(ref, simg, path)
             self._writable()
             with self._lock(exclusive=False):
                 return self._import(src, simg, ref, path, progress)
@@ -349,9 +365,11 @@ class Store:
                     syncfs(fd)
                 finally:
                     os.close(fd)
+            parents = set()
             for tmp, diff_id in made:
                 final = os.path.dirname(self.layer_dir(diff_id))
                 os.makedirs(os.path.dirname(final), exist_ok=True)
+                parents.add(os.path.dirname(final))
                 try:
                     os.rename(tmp, final)
                 except OSError as e:
@@ -360,6 +378,8 @@ class Store:
                     # Another import committed the same layer meanwhile: keep theirs.
                     shutil.rmtree(tmp, ignore_errors=True)
             made = []
+            for d in sorted(parents):  # the renames are durable before the record names them
+                _fsync_dir(d)
             record = {
                 "ref": ref,
                 "layers": simg.diff_ids,
@@ -467,6 +487,7 @@ class Store:
                     if e.errno not in (errno.EEXIST, errno.ENOTEMPTY):
                         raise
                     # Another writer committed the same layer meanwhile: theirs stays.
+                _fsync_dir(os.path.dirname(final))
                 return got
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -597,6 +618,25 @@ def _try_lock(fd: int, op: int, unsupported: bool = False) -> bool:
     return True
 
 
+def _ref_for(given: str | None, simg: layout.SourceImage, path: str) -> str:
+    """The reference an import gets: the one given, else the source's name.
+
+    A layout that names only a tag (``ref.name`` = ``v1``, skopeo's and
+    umoci's reading) has no name to give: the import then asks for one,
+    rather than making the tag a name (``v1:latest``).
+    """
+    if given is not None:
+        return canonical(given)
+    if simg.name:
+        return canonical(simg.name)
+    if simg.tag:
+        raise ImageError(
+            f"{path}: the layout names only the tag {simg.tag!r}: give a NAME"
+            f" (it becomes NAME:{simg.tag})"
+        )
+    raise ImageError(f"{path}: the image has no name: give one (NAME[:TAG])")
+
+
 def _umask() -> int:
     mask = os.umask(0o022)
     os.umask(mask)
@@ -609,6 +649,14 @@ def _size_of(f: Any) -> int:
     with contextlib.suppress(AttributeError):
         return int(f.size)  # tarfile's member reader
     return 0
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _write_atomic(path: str, data: bytes, durable: bool = True) -> None:

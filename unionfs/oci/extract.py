@@ -351,12 +351,19 @@ class Extractor:
     ) -> None:
         fd = os.open(parts[-1], _NEW_FILE, 0o600, dir_fd=dir_fd)
         try:
+            regions = data_regions(ti)
             if data is not None:
+                pos = 0
                 while chunk := data.read(_CHUNK):
-                    view = memoryview(chunk)
-                    while view:  # a write may be short
-                        view = view[os.write(fd, view) :]
+                    if regions is None:
+                        _write_all(fd, memoryview(chunk), None)
+                    else:  # a sparse entry: only its data regions are written
+                        for lo, hi in overlaps(regions, pos, pos + len(chunk)):
+                            _write_all(fd, memoryview(chunk)[lo - pos : hi - pos], lo)
+                    pos += len(chunk)
                     self.stats.bytes += len(chunk)
+            if regions is not None:
+                os.ftruncate(fd, ti.size)  # the holes, and a hole at the end
             self._finish(fd, parts, dir_fd, ti, stat_mod.S_IFREG, xattrs)
         finally:
             os.close(fd)
@@ -506,6 +513,33 @@ class Extractor:
             os.utime(fd, ns=(mtime * 10**9,) * 2)
         finally:
             os.close(fd)
+
+
+def data_regions(ti: tarfile.TarInfo) -> list[tuple[int, int]] | None:
+    """A sparse entry's data regions as sorted (start, end) offsets; None if not sparse.
+
+    tarfile gives GNU sparse entries (old GNU and PAX 0.0/0.1/1.0) a map of
+    (offset, size) in ``ti.sparse`` and reads the holes back as zeros; writing
+    only the regions keeps the holes, as GNU tar and umoci do.
+    """
+    sparse = getattr(ti, "sparse", None)
+    if not sparse:
+        return None
+    return sorted((off, off + size) for off, size in sparse if size > 0)
+
+
+def overlaps(regions: list[tuple[int, int]], lo: int, hi: int) -> list[tuple[int, int]]:
+    """The parts of [lo, hi) that lie in ``regions`` (sorted, non-overlapping)."""
+    return [(max(a, lo), min(b, hi)) for a, b in regions if a < hi and b > lo]
+
+
+def _write_all(fd: int, view: memoryview, offset: int | None) -> None:
+    """Write all of ``view`` (at ``offset`` with pwrite, else at the file position)."""
+    while view:  # a write may be short
+        n = os.write(fd, view) if offset is None else os.pwrite(fd, view, offset)
+        view = view[n:]
+        if offset is not None:
+            offset += n
 
 
 def extract_tar(

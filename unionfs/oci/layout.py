@@ -392,6 +392,8 @@ class SourceImage:
     manifest_digest: str | None
     layers: list[LayerBlob] = field(default_factory=list)
     layout: str = "oci"
+    #: A tag without a name: an OCI ``ref.name`` such as ``v1`` (see split_ref_name).
+    tag: str | None = None
 
     @property
     def diff_ids(self) -> list[str]:
@@ -490,8 +492,23 @@ def _oci_image(src: DirSource | TarSource, ref: str | None, plat: Platform) -> S
             continue
         if mtype not in MANIFEST_TYPES and not (mtype is None and "layers" in body):
             raise ImageError(f"{desc.get('digest')}: not an image manifest ({mtype})")
-        return _from_manifest(src, body, desc["digest"], name)
+        image = _from_manifest(src, body, desc["digest"], name)
+        image.name, image.tag = split_ref_name(name)
+        return image
     raise ImageError("index nesting too deep")
+
+
+def split_ref_name(name: str | None) -> tuple[str | None, str | None]:
+    """(name, tag) a layout's annotation gives: a bare word is only a tag.
+
+    ``org.opencontainers.image.ref.name`` holds a tag (``v1``, what skopeo,
+    umoci and docker write) or a full reference (``localhost/app:v1``, with a
+    ``/`` or ``:``); skopeo and umoci read a bare word as the tag, never as
+    the image's name.
+    """
+    if name is None or "/" in name or ":" in name:
+        return name, None
+    return None, name
 
 
 def _short(ref: str) -> str:

@@ -36,6 +36,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "image": Subcommand("unionfs.image.cli", "import, list, inspect, remove images in the store"),
     "diff": Subcommand("unionfs.changes.diff", "what an upper changes over its lowers (A/C/D)"),
     "export-layer": Subcommand("unionfs.changes.export", "write an upper as an OCI layer tar"),
+    "commit": Subcommand("unionfs.image.commit", "make a new image: a base image plus an upper"),
     "apply": Subcommand("unionfs.changes.apply", "apply an upper's changes onto a directory"),
     "squash": Subcommand("unionfs.changes.squash", "flatten a range of layers into one"),
     "convert": Subcommand("unionfs.changes.convert", "rewrite a layer's markers in another format"),

@@ -111,8 +111,9 @@ def owner_of(st: os.stat_result, xattrs: dict[bytes, bytes]) -> tuple[int, int]:
     A rootless mount or unpack cannot chown, so it keeps the intended owner in
     an xattr (``user.containers.override_stat``, ``user.rootlesscontainers``,
     ...: ``unionfs.ownership``); ``xattrs`` are the object's xattrs with
-    those included.  Not read yet: the side table for objects that cannot
-    carry user xattrs (symlinks, fifos), and the override's mode.
+    those included; the override's mode and type apply through ``shown``.
+    Not read yet: the side table for objects that cannot carry user xattrs
+    (symlinks, fifos).
     """
     ov = ownership.from_xattrs(xattrs)
     return (st.st_uid, st.st_gid) if ov is None else (ov.uid, ov.gid)
@@ -126,6 +127,32 @@ OWNERSHIP_XATTRS: frozenset[bytes] = ownership.OWNERSHIP_XATTRS
 def user_xattrs(xattrs: dict[bytes, bytes]) -> dict[bytes, bytes]:
     """``xattrs`` without the ownership metadata."""
     return {k: v for k, v in xattrs.items() if k not in OWNERSHIP_XATTRS}
+
+
+class ShownStat:
+    """An lstat with the mode, type, owner and device numbers its ownership metadata records.
+
+    A rootless mount cannot set set-id bits on, chown or mknod what it copies
+    up or creates: the real file is the user's (0755 for a 4755 root file) and
+    the truth is in the override xattr.  A tool must read the object as the
+    mount shows it, or a commit loses set-id bits and device nodes.  The other
+    fields (size, times, inode, links) are the real ones.
+    """
+
+    __slots__ = ("_real", "st_gid", "st_mode", "st_rdev", "st_uid")
+
+    def __init__(self, real: os.stat_result, ov: ownership.Override) -> None:
+        self._real = real
+        self.st_mode, self.st_uid, self.st_gid, self.st_rdev = ownership.shown_stat(real, ov)
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._real, name)
+
+
+def shown(st: os.stat_result, xattrs: dict[bytes, bytes]) -> os.stat_result:
+    """``st`` as the mount shows it, given the object's xattrs (ownership ones included)."""
+    ov = ownership.from_xattrs(xattrs)
+    return st if ov is None else ShownStat(st, ov)  # type: ignore[return-value]
 
 
 # -- reading one object -------------------------------------------------------------
@@ -273,7 +300,8 @@ class Scanner:
         entry: Entry,
     ) -> frozenset[str]:
         path = (*parent.path, name)
-        lst = entry.st
+        lxattrs = self._lower_xattrs(entry, path)
+        lst = shown(entry.st, lxattrs)
         if stat_mod.S_IFMT(st.st_mode) != stat_mod.S_IFMT(lst.st_mode):
             return frozenset({"type"})
         out = set()
@@ -293,7 +321,6 @@ class Scanner:
             stat_mod.S_IMODE(st.st_mode) != stat_mod.S_IMODE(lst.st_mode)
         ):
             out.add("mode")
-        lxattrs = self._lower_xattrs(entry, path)
         if owner != owner_of(lst, lxattrs):
             out.add("owner")
         lxattrs = user_xattrs(lxattrs)
@@ -409,6 +436,7 @@ class Scanner:
         entry = self._lower_lookup(d, name)
         is_dir = stat_mod.S_ISDIR(st.st_mode)
         xattrs = read_xattrs(d.fd, name, list_xattrs(d.fd, name))
+        st = shown(st, xattrs)
         owner = owner_of(st, xattrs)
         xattrs = user_xattrs(xattrs)
         change = Change(path, Kind.ADDED, st=st, xattrs=xattrs, owner=owner)

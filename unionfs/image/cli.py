@@ -72,6 +72,12 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     rm = sub.add_parser("rm", help="remove images, then layers no image uses")
     rm.add_argument("refs", metavar="NAME[:TAG]", nargs="+")
     sub.add_parser("gc", help="remove unused layers and leftovers of interrupted imports")
+    exp = sub.add_parser("export", help="write an image: OCI layout, oci-archive, docker-archive")
+    exp.add_argument("ref", metavar="NAME[:TAG]")
+    exp.add_argument("-o", "--output", required=True, metavar="DIR|FILE", help="must not exist")
+    exp.add_argument("--format", choices=("oci", "oci-archive", "docker-archive"), default="oci")
+    exp.add_argument("-q", "--quiet", action="store_true", help="no progress line")
+    exp.add_argument("--json", action="store_true", help="print the digests as JSON")
     return p
 
 
@@ -186,7 +192,51 @@ def _gc(store: Store, args: argparse.Namespace) -> int:
     return 0
 
 
-_COMMANDS = {"import": _import, "ls": _ls, "inspect": _inspect, "rm": _rm, "gc": _gc}
+def _export(store: Store, args: argparse.Namespace) -> int:
+    """Re-tar the image's stored layers into the asked format (unionfs/oci/write.py)."""
+    from ..oci import write
+
+    img = store.image(args.ref)
+    write.check_output(args.output)  # before the work: exists, unwritable
+    term = TermProgress() if sys.stderr.isatty() and not args.quiet else None
+    diff_ids = list(img.diff_ids)
+
+    last = [0.0]
+
+    def progress(number: int, count: int, done: int) -> None:
+        now = time.monotonic()  # the blob's final size is unknown: a line every 0.1 s
+        if term is not None and now - last[0] >= 0.1:
+            last[0] = now
+            term(diff_ids[number - 1], number, count, done, 0)
+
+    try:
+        with store._lock(exclusive=False, readonly_ok=True):  # no gc meanwhile
+            out = write.export_image(
+                list(reversed(img.layers)),
+                img.full_config,
+                img.ref,
+                args.output,
+                args.format,
+                progress,
+            )
+    finally:
+        if term is not None:
+            term.end()
+    if args.json:
+        print(json.dumps(out.as_dict(), indent=1))
+    else:
+        print(f"{out.output}: {args.format} {img.ref} manifest {out.manifest_digest}")
+    return 0
+
+
+_COMMANDS = {
+    "import": _import,
+    "ls": _ls,
+    "inspect": _inspect,
+    "rm": _rm,
+    "gc": _gc,
+    "export": _export,
+}
 
 
 if __name__ == "__main__":

@@ -492,6 +492,41 @@ class Store:
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
 
+    def add_image(
+        self,
+        ref: str,
+        diff_ids: list[str],
+        image_config: dict[str, Any],
+        config_digest: str,
+        manifest: dict[str, Any],
+        manifest_digest: str,
+        source: str,
+    ) -> Image:
+        """Record an image made here (``unionfs commit``) whose layers are all stored.
+
+        The same record an import writes, written the same way (atomically),
+        so every reader of the store sees a committed image as an imported one.
+        """
+        ref = canonical(ref)
+        self._writable()
+        with self._lock(exclusive=False):
+            missing = [d for d in diff_ids if not self.has_layer(d)]
+            if missing:
+                raise StoreError(f"layer {missing[0]} is not in the store")
+            record = {
+                "ref": ref,
+                "layers": list(diff_ids),
+                "image_config": image_config,
+                "config_digest": config_digest,
+                "manifest": manifest,
+                "manifest_digest": manifest_digest,
+                "source": source,
+                "source_layout": "commit",
+                "imported": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+            }
+            _write_atomic(self._record_path(ref), json.dumps(record, indent=1).encode())
+        return self._image(record)
+
     def remove(self, ref: str) -> None:
         """Remove an image (its layers stay until ``gc``, which ``unionfs image rm`` runs)."""
         if self.readonly:

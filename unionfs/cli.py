@@ -223,6 +223,7 @@ class Daemon:
                 stackinfo.record_mount(cfg, writer.fmt, ns)
                 upper = Upper(self.stack, table, self.copyup, writer)
             self.ops = UnionOperations(self.stack, table, cfg, upper)
+            self.ops.branches = _branches(cfg)
             # Before init: pyfuse3 before 3.5 makes its read lock there.
             if not loop.install(cfg.spin_us):
                 log.warning("this pyfuse3 has no trio hook: requests take trio's longer wait")
@@ -327,6 +328,19 @@ class Daemon:
             return
         with contextlib.suppress(OSError):
             os.rmdir(os.path.dirname(marker))
+
+
+def _branches(cfg: MountConfig) -> dict[str, Any]:
+    """The branches as absolute paths, taken before the daemon leaves its start directory."""
+
+    def absolute(path: str | None) -> str | None:
+        return None if path is None else os.path.abspath(path)
+
+    return {
+        "upper": absolute(cfg.upper),
+        "workdir": absolute(cfg.workdir),
+        "lowers": [os.path.abspath(p) for p in cfg.lowers],
+    }
 
 
 def set_read_ahead(dev: int, kib: int | None) -> None:

@@ -131,6 +131,9 @@ class UnionOperations(pyfuse3.Operations):
         self._dirs: dict[int, DirHandle] = {}
         self._files: dict[int, FileHandle] = {}
         self._next_fh = 1
+        #: Absolute upper, work dir and lowers, as ``unionfs stats`` reports them
+        #: (set by the daemon, which knows the directory it was started in).
+        self.branches: dict[str, Any] | None = None
         #: Owners, modes and devices recorded as metadata (rootless images),
         #: and id mappings; None when neither applies (see unionfs.ownership).
         self.owners = ownership.presenter_for(
@@ -828,7 +831,7 @@ class UnionOperations(pyfuse3.Operations):
         """The counters (``unionfs stats``), for the mounting user and root only."""
         if ctx.uid not in (0, os.geteuid()):
             raise OSError(errno.EACCES, "the stats of a mount are its owner's")
-        return stats.encode(self.stats())
+        return stats.encode(self.stats(), self.branches)
 
     def stats(self) -> dict[str, int]:
         """Sizes of what the daemon holds (SIGUSR1 logs them)."""

@@ -132,10 +132,17 @@ def _rss_bytes() -> int:
         return 0
 
 
-def snapshot(sizes: dict[str, int] | None = None) -> dict[str, Any]:
-    """The counters as plain data: what the xattr carries (non-zero buckets only)."""
+def snapshot(
+    sizes: dict[str, int] | None = None, branches: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The counters as plain data: what the xattr carries (non-zero buckets only).
+
+    ``branches`` (absolute upper, work dir and lowers) lets the layer tools find
+    a mount's upper from its mount point, whatever paths its command line had.
+    """
     c = COUNTERS
     return {
+        "branches": branches,
         "pid": os.getpid(),
         "uptime_s": round(time.time() - c.started, 3),
         "rss_bytes": _rss_bytes(),
@@ -150,8 +157,8 @@ def snapshot(sizes: dict[str, int] | None = None) -> dict[str, Any]:
     }
 
 
-def encode(sizes: dict[str, int] | None = None) -> bytes:
-    return json.dumps(snapshot(sizes), separators=(",", ":")).encode()
+def encode(sizes: dict[str, int] | None = None, branches: dict[str, Any] | None = None) -> bytes:
+    return json.dumps(snapshot(sizes, branches), separators=(",", ":")).encode()
 
 
 # -- the client -------------------------------------------------------------------------------

@@ -10,10 +10,11 @@ command line, parsed with the mount's own option parser.
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 
-from .. import mountinfo, stackinfo
+from .. import mountinfo, stackinfo, stats
 from ..options import ConfigError, build_config, default_workdir, split_lowerdirs
 
 
@@ -58,8 +59,28 @@ def _overlay_options(options: str) -> dict[str, str]:
     return out
 
 
+def _served_branches(mnt: str) -> Source | None:
+    """The branches a running unionfs daemon reports through its stats xattr (absolute
+    paths, however it was started); None from a daemon too old to report them."""
+    try:
+        branches = json.loads(os.getxattr(mnt, stats.XATTR)).get("branches")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(branches, dict) or "lowers" not in branches:
+        return None
+    if branches.get("upper") is None:
+        raise SourceError(f"{mnt}: a read-only union has no upper to read")
+    upper = branches["upper"]
+    workdir = branches.get("workdir") or default_workdir(upper)
+    return Source(upper, workdir, tuple(branches["lowers"]))
+
+
 def _daemon_config(mnt: str) -> Source | None:
-    """The upper and lowers of the unionfs daemon serving ``mnt``, from its command line."""
+    """The upper and lowers of the unionfs daemon serving ``mnt``: what it reports, else
+    what its command line says."""
+    served = _served_branches(mnt)
+    if served is not None:
+        return served
     target = os.path.realpath(mnt)
     for entry in os.listdir("/proc"):
         if not entry.isdigit():

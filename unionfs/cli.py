@@ -261,7 +261,13 @@ class Daemon:
             nursery.start_soon(self._when_ready, ready_fd)
             if self.parent_fd is not None:
                 nursery.start_soon(self._watch_parent, self.parent_fd)
-            await pyfuse3.main()
+            try:
+                await pyfuse3.main()
+            except* ConnectionAbortedError:
+                # The kernel ended the connection instead of reporting the
+                # unmount (seen when the last file of a lazily unmounted union
+                # closes): the session is over either way.
+                log.info("the kernel closed the FUSE connection")
             nursery.cancel_scope.cancel()
 
     async def _watch_parent(self, fd: int) -> None:

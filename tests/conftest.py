@@ -9,7 +9,8 @@ test end, an unprivileged user, root-only skips and a leak check for the session
   mount still up at test end is undone.
 - ``kernel_overlay``: the same for kernel overlayfs (``lowers, upper, work, mnt``).
 - ``unpriv_user`` (session): the account ``unionfs-test``, with /dev/fuse 0666
-  for the session; ``unpriv_tmp``: a ``tmp`` subdirectory owned by it.
+  for the session; ``unpriv_tmp``: a ``tmp`` subdirectory owned by it;
+  ``subids`` (session): its subordinate ids 400000-465535 (/etc/subuid).
 - Tests marked ``oracle`` or ``root`` are skipped unless run as root.
 - At session end no mount may remain and no unionfs daemon may still run
   below the session's scratch dirs or pytest's tmp_path base.
@@ -256,6 +257,61 @@ def unpriv_tmp(tmp: Path, unpriv_user: User) -> Path:
     path.mkdir()
     os.chown(path, unpriv_user.uid, unpriv_user.gid)
     return path
+
+
+#: The test user's subordinate ids (what newuidmap gives its containers).
+SUBIDS = (400000, 65536)
+
+
+def _with_subids(user: User, script: str) -> subprocess.CompletedProcess[str]:
+    """``script`` as root of a user namespace mapping the user's subordinate ids."""
+    start, count = SUBIDS
+    return subprocess.run(
+        [
+            "unshare",
+            "--map-root-user",
+            f"--map-users={start},1,{count}",
+            f"--map-groups={start},1,{count}",
+            "--mount",
+            "sh",
+            "-ec",
+            script,
+        ],
+        capture_output=True,
+        text=True,
+        preexec_fn=support.as_user(user),
+        cwd="/",
+        timeout=120,
+    )
+
+
+@pytest.fixture(scope="session")
+def subids(unpriv_user: User) -> tuple[int, int]:
+    """Subordinate ids 400000-465535 for the test user in /etc/subuid and /etc/subgid
+    (added once, kept: other runs use them too); skipped where newuidmap or user
+    namespaces with them are not available.  Returns (start, count)."""
+    if shutil.which("newuidmap") is None or shutil.which("unshare") is None:
+        pytest.skip("newuidmap/unshare missing (uidmap, util-linux)")
+    start, count = SUBIDS
+    with open("/etc/subuid") as f:
+        have = any(line.startswith(f"{unpriv_user.name}:{start}:") for line in f)
+    if not have:
+        subprocess.run(
+            [
+                "usermod",
+                "--add-subuids",
+                f"{start}-{start + count - 1}",
+                "--add-subgids",
+                f"{start}-{start + count - 1}",
+                unpriv_user.name,
+            ],
+            check=True,
+            capture_output=True,
+        )
+    probe = _with_subids(unpriv_user, "true")
+    if probe.returncode != 0:
+        pytest.skip(f"no user namespace with subordinate ids here: {probe.stderr.strip()}")
+    return SUBIDS
 
 
 # --------------------------------------------------------------------------- leak check

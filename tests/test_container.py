@@ -1,5 +1,10 @@
 """``unionfs run``: an image from the store (and a plain rootfs) run rootless, as the
-unprivileged test user, with a tiny image built from the host's dash and libc."""
+unprivileged test user, with a tiny image built from the host's dash and libc.
+
+Every test runs in both identity modes: ``--userns=subids`` (the user's
+subordinate ids mapped, the union's daemon inside the user namespace) and
+``--userns=root`` (only the user mapped, as root; the union mounted outside),
+the fallback where no subordinate ids are configured."""
 
 from __future__ import annotations
 
@@ -9,7 +14,9 @@ import shutil
 import signal
 import subprocess
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import imagetools
 import pytest
@@ -65,42 +72,61 @@ def home(unpriv_tmp: Path, unpriv_user: support.User) -> Home:
     return h
 
 
-def test_runs_the_image_config_and_passes_the_status(home: Home) -> None:
-    r = home.unionfs("run", "--rm", "tiny:1")
+@dataclass
+class Runner:
+    """``unionfs run --userns=MODE ...`` as the test user."""
+
+    home: Home
+    mode: str
+
+    def __call__(self, *args: str, **kw: Any) -> subprocess.CompletedProcess[str]:
+        return self.home.unionfs("run", f"--userns={self.mode}", *args, **kw)
+
+    def popen(self, *args: str) -> subprocess.Popen[str]:
+        return self.home.popen("run", f"--userns={self.mode}", *args)
+
+
+@pytest.fixture(params=["subids", "root"])
+def run(request: pytest.FixtureRequest, home: Home) -> Runner:
+    if request.param == "subids":
+        request.getfixturevalue("subids")
+    return Runner(home, request.param)
+
+
+def test_runs_the_image_config_and_passes_the_status(home: Home, run: Runner) -> None:
+    r = run("--rm", "tiny:1")
     assert (r.returncode, r.stdout) == (3, "hello from /srv\n"), r.stderr
     prog = (
         "while read k v; do case $k in Uid:) echo uid $v;; esac; done < /proc/self/status;"
         " [ -O /bin/sh ] && echo root-owned; echo $$; cat /etc/motd; echo x > /dev/null && echo dev"
     )
-    r = home.unionfs("run", "--rm", "tiny:1", "--", "sh", "-c", prog)
+    r = run("--rm", "tiny:1", "--", "sh", "-c", prog)
     assert r.returncode == 0, r.stderr
     assert r.stdout == "uid 0 0 0 0\nroot-owned\n2\nfrom the image\ndev\n"
-    assert home.unionfs("run", "--rm", "tiny:1", "--", "sh", "-c", "kill -9 $$").returncode == 137
+    assert run("--rm", "tiny:1", "--", "sh", "-c", "kill -9 $$").returncode == 137
     assert not any((home.path / ".local/share/unionfs/containers").iterdir())
 
 
-def test_upper_is_kept_under_the_name(home: Home) -> None:
-    r = home.unionfs("run", "--name", "c1", "tiny:1", "--", "sh", "-c", "echo kept > /root/x")
+def test_upper_is_kept_under_the_name(home: Home, run: Runner) -> None:
+    r = run("--name", "c1", "tiny:1", "--", "sh", "-c", "echo kept > /root/x")
     assert r.returncode == 0, r.stderr
     cdir = home.path / ".local/share/unionfs/containers/c1"
     assert (cdir / "upper/root/x").read_text() == "kept\n"
     assert json.loads((cdir / "container.json").read_text())["image"] == "tiny:1"
-    r = home.unionfs("run", "--name", "c1", "tiny:1", "--", "cat", "/root/x")
+    r = run("--name", "c1", "tiny:1", "--", "cat", "/root/x")
     assert (r.returncode, r.stdout) == (0, "kept\n"), r.stderr
 
 
-def test_volume_and_signals(home: Home) -> None:
+def test_volume_and_signals(home: Home, run: Runner) -> None:
     vol = home.path.parent / "vol"
     vol.mkdir()
     os.chown(vol, home.user.uid, home.user.gid)
-    r = home.unionfs(
-        "run", "--rm", "-v", f"{vol}:/data/v", "tiny:1", "--", "sh", "-c", "echo in > /data/v/f"
-    )
+    r = run("--rm", "-v", f"{vol}:/data/v", "tiny:1", "--", "sh", "-c", "echo in > /data/v/f")
     assert r.returncode == 0, r.stderr
     assert (vol / "f").read_text() == "in\n"
     # A busy loop of builtins: the trap runs at once (no child to wait for).
     prog = "trap 'exit 9' TERM; echo ready > /data/v/ready; while :; do :; done"
-    p = home.popen("run", "--rm", "-v", f"{vol}:/data/v", "tiny:1", "--", "sh", "-c", prog)
+    p = run.popen("--rm", "-v", f"{vol}:/data/v", "tiny:1", "--", "sh", "-c", prog)
     try:
         end = time.monotonic() + 30
         while not (vol / "ready").exists() and time.monotonic() < end:
@@ -113,19 +139,22 @@ def test_volume_and_signals(home: Home) -> None:
             p.wait()
 
 
-def test_rootfs_dirs_and_errors(home: Home, tmp: Path) -> None:
+def test_rootfs_dirs_and_errors(home: Home, run: Runner, tmp: Path) -> None:
     rootfs = tmp / "rootfs"
     rootfs.mkdir()
     for name, src in {**PROGRAMS, **_libs()}.items():
         (rootfs / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(src, rootfs / name)
-    r = home.unionfs(
-        "run", "--rm", "--rootfs", str(rootfs), "--", "sh", "-c", "[ -O /bin/sh ] && echo root"
-    )
+    if run.mode == "subids":
+        # Root's files show as nobody in a user namespace (host root is not
+        # mapped there); the user's own show as root.  Without subordinate
+        # ids, uidmapping shows disk id 0 as the user, so root's files work.
+        support.chown_tree(rootfs, home.user.uid, home.user.gid)
+    r = run("--rm", "--rootfs", str(rootfs), "--", "sh", "-c", "[ -O /bin/sh ] && echo root")
     assert (r.returncode, r.stdout) == (0, "root\n"), r.stderr
-    r = home.unionfs("run", "--rm", "nope:1")
+    r = run("--rm", "nope:1")
     assert r.returncode == 125 and r.stderr.count("\n") == 1 and "nope" in r.stderr
-    r = home.unionfs("run", "--rm", "-v", "relative:/x", "tiny:1")
+    r = run("--rm", "-v", "relative:/x", "tiny:1")
     assert r.returncode == 125 and "volume" in r.stderr
-    r = home.unionfs("run", "--rm", "tiny:1", "--", "no-such-cmd")
+    r = run("--rm", "tiny:1", "--", "no-such-cmd")
     assert r.returncode == 127

@@ -279,31 +279,6 @@ def _userns(user, script: str, env: dict[str, str]) -> subprocess.CompletedProce
     )
 
 
-@pytest.fixture
-def subids(unpriv_user) -> None:
-    """Subordinate ids for the test user (what newuidmap gives a container)."""
-    if shutil.which("newuidmap") is None or shutil.which("unshare") is None:
-        pytest.skip("newuidmap/unshare missing (uidmap, util-linux)")
-    with open("/etc/subuid") as f:
-        have = any(line.startswith(f"{unpriv_user.name}:400000:") for line in f)
-    if not have:
-        subprocess.run(
-            [
-                "usermod",
-                "--add-subuids",
-                "400000-465535",
-                "--add-subgids",
-                "400000-465535",
-                unpriv_user.name,
-            ],
-            check=True,
-            capture_output=True,
-        )
-    probe = _userns(unpriv_user, "true", dict(os.environ))
-    if probe.returncode != 0:
-        pytest.skip(f"no user namespace with subordinate ids here: {probe.stderr.strip()}")
-
-
 def test_chown_chmod_in_a_user_namespace_are_recorded_and_survive_a_remount(
     user_image: Path, unpriv_user, unpriv_tmp: Path, unionfs, subids
 ) -> None:

@@ -21,7 +21,7 @@ from typing import Any
 import pyfuse3
 import trio
 
-from . import __version__, loop, stackinfo
+from . import __version__, loop, ownership, stackinfo
 from .copyup import CopyUp
 from .inodes import InodeTable
 from .layers import LayerStack
@@ -197,7 +197,7 @@ class Daemon:
         try:
             upper = None
             if cfg.upper is not None:
-                ns = b"trusted." if is_root else b"user."
+                ns = ownership.marker_xattr_ns()
                 self.stack.origin_xattr = ns + b"overlay.unionfs.origin"
             table = InodeTable(self.stack)
             if cfg.upper is not None and not cfg.read_only:

@@ -15,12 +15,32 @@ union as its root file system (pivot_root) with a new /proc, a minimal /dev
 image config gives Env, WorkingDir, Entrypoint and Cmd; the exit status and
 signals pass through.
 
-Identity: the union presents what the image records as root (uid/gid 0) as
-the user (``uidmapping``), so that it is root inside.  Only that one id is
-mapped: an image whose User is another id, or a ``chown`` to one, is refused
-(EINVAL) as under ``unshare -r``; subordinate ids would need the daemon to
-mount inside the user namespace (FUSE only lets processes of the mounting
-namespace, or the mounter's own uid, through).
+Identity, two ways (``--userns``; ``auto`` takes the first that applies):
+
+- ``subids``: the user's subordinate ids (/etc/subuid, /etc/subgid) are
+  mapped through newuidmap/newgidmap: 0 inside is the user, 1..N the ranges.
+  The union's daemon then runs inside the container's user namespace and
+  mounts there (FUSE is a filesystem root of a user namespace may mount,
+  through /dev/fuse, no fusermount3), as namespace.Spec.serve: the kernel
+  hands it the container's ids, and ``useradd``, ``chown`` to any mapped id
+  and ``dpkg -i`` of packages owning files by other ids work.  The mount has
+  ``allow_other`` (any id of the namespace, nobody outside it) and ``suid``:
+  ``su`` works inside, and the kernel grants a setuid file only ids mapped in
+  that namespace.  Owners are recorded, never chowned for real
+  (``xattr_permissions=2``): the files stay the user's, who can delete them
+  without entering a namespace, and the upper holds the same
+  ``user.containers.override_stat`` metadata as the layers of the store, so a
+  remount, a run without subordinate ids and ``unionfs commit`` read the
+  owners the container set.
+- ``root`` (no subordinate ids configured: said once when the container is
+  made): the union is mounted outside by the user (fusermount3) and presents
+  what the image records as root (uid/gid 0) as the user (``uidmapping``), so
+  that it is root inside.  Only that id is mapped: an image whose User is
+  another id, or a ``chown`` to one, is refused (EINVAL) as under ``unshare
+  -r``: FUSE only lets processes of the mounting namespace, or the mounter's
+  own uid, through, and the kernel maps no other id.
+
+Either way owners go to disk as container ids (0 for root), the same in both.
 """
 
 from __future__ import annotations
@@ -32,8 +52,10 @@ import json
 import os
 import platform
 import secrets
+import shutil
 import sys
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -137,21 +159,36 @@ def parse_volume(spec: str) -> tuple[str, str, bool]:
     return host, ctr, ro
 
 
+def _open_dir(root: str, parts: list[str], make: bool) -> int:
+    """An O_PATH descriptor of ``root/parts...``, walked without following a
+    symlink (an image's symlink must not lead outside the container's tree);
+    missing directories made (0755) with ``make``."""
+    fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        for part in parts:
+            if make:
+                with contextlib.suppress(FileExistsError):
+                    os.mkdir(part, 0o755, dir_fd=fd)
+            nfd = os.open(
+                part, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd
+            )
+            os.close(fd)
+            fd = nfd
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def _volume(root: str, host: str, ctr: str, ro: bool) -> None:
     """Bind ``host`` at ``ctr`` under ``root``, made where missing.
 
     The target's parents are walked without following symlinks: an image's
     symlink must not send the bind outside the container's tree.
     """
-    fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
+    parts = [p for p in ctr.split("/") if p]
+    fd = _open_dir(root, parts[:-1], make=True)
     try:
-        parts = [p for p in ctr.split("/") if p]
-        for part in parts[:-1]:
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(part, 0o755, dir_fd=fd)
-            nfd = os.open(part, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
-            os.close(fd)
-            fd = nfd
         last = parts[-1]
         try:
             st = os.stat(last, dir_fd=fd, follow_symlinks=False)
@@ -220,12 +257,101 @@ def env_of(config: dict[str, Any], extra: list[str]) -> dict[str, str]:
 
 
 def check_user(config: dict[str, Any]) -> None:
+    """Without subordinate ids only root exists inside: refuse an image that runs as another."""
     user = str(config.get("User") or "")
     if user.split(":")[0] not in ("", "0", "root"):
         raise RunError(
             f"the image runs as user {user!r}: only root is mapped in a rootless"
             " container without subordinate ids"
         )
+
+
+def _fields(text: str, n: int) -> Iterator[list[str]]:
+    """The lines of a passwd/group file with at least ``n`` fields and a numeric third."""
+    for line in text.splitlines():
+        f = line.split(":")
+        if len(f) >= n and f[2].isdigit() and f[2].isascii():
+            yield f
+
+
+def parse_passwd(text: str) -> dict[str, tuple[int, int, str]]:
+    """name -> (uid, gid, home) of an /etc/passwd (the first line of a name wins)."""
+    out: dict[str, tuple[int, int, str]] = {}
+    for f in _fields(text, 6):
+        if f[3].isdigit():
+            out.setdefault(f[0], (int(f[2]), int(f[3]), f[5]))
+    return out
+
+
+def parse_group(text: str) -> dict[str, tuple[int, list[str]]]:
+    """name -> (gid, members) of an /etc/group."""
+    out: dict[str, tuple[int, list[str]]] = {}
+    for f in _fields(text, 4):
+        out.setdefault(f[0], (int(f[2]), [m for m in f[3].split(",") if m]))
+    return out
+
+
+def _number(word: str, what: str) -> int:
+    if word.isdigit() and word.isascii():
+        return int(word)
+    where = "passwd" if what == "user" else "group"
+    raise RunError(f"the image's {what} {word!r} is not in its /etc/{where}")
+
+
+def user_of(spec: str, passwd: str, group: str) -> tuple[int, int, list[int], str] | None:
+    """``USER[:GROUP]`` of an image config (names or ids) -> (uid, gid, groups, home),
+    as docker resolves it in the image's own files; None for plain root."""
+    name, _, gname = spec.partition(":")
+    if name in ("", "0", "root") and not gname:
+        return None
+    users, groups = parse_passwd(passwd), parse_group(group)
+    name = name or "root"
+    if name in users:
+        uid, gid, home = users[name]
+    else:
+        uid, home = _number(name, "user"), "/"
+        gid = next((g for u, g, _ in users.values() if u == uid), uid)
+        name = next((n for n, (u, _, _) in users.items() if u == uid), name)
+    if gname:
+        gid = groups[gname][0] if gname in groups else _number(gname, "group")
+    extra = {g for g, members in groups.values() if name in members}
+    return uid, gid, sorted(extra | {gid}), home or "/"
+
+
+def read_image_file(root: str, rel: str) -> str:
+    """A file of the container's tree, read without following a symlink anywhere
+    (the image's /etc/passwd must not point the runner at a file of the host)."""
+    *dirs, last = rel.split("/")
+    fd = _open_dir(root, dirs, make=False)
+    try:
+        try:
+            ffd = os.open(last, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+        except FileNotFoundError:
+            return ""
+        with os.fdopen(ffd, "rb") as f:
+            return f.read(1 << 22).decode("utf-8", "replace")
+    finally:
+        os.close(fd)
+
+
+def id_mode(requested: str, subids: namespace.SubIds | None, tools: bool) -> tuple[str, str | None]:
+    """(``subids`` or ``root``, a note for the user or None) for ``--userns``."""
+    if requested == "root":
+        return "root", None
+    if subids is not None and tools:
+        return "subids", None
+    if requested == "subids":
+        if subids is None:
+            raise RunError(
+                "--userns=subids: no subordinate ids for this user in /etc/subuid and"
+                " /etc/subgid (usermod --add-subuids 100000-165535 --add-subgids 100000-165535)"
+            )
+        raise RunError("--userns=subids: newuidmap/newgidmap not found (the uidmap package)")
+    why = "no subordinate ids in /etc/subuid, /etc/subgid" if subids is None else "no newuidmap"
+    return "root", (
+        f"{why}: only root is mapped inside (useradd, chown to other ids fail);"
+        " see docs/containers.md"
+    )
 
 
 def _image(ref: str) -> tuple[list[str], dict[str, Any]]:
@@ -260,7 +386,10 @@ def run(args: argparse.Namespace) -> int:
         cmd = cmd[1:]
     argv = command_of(config, cmd)
     env = env_of(config, args.env)
-    check_user(config)
+    tools = all(shutil.which(t) for t in ("newuidmap", "newgidmap"))
+    mode, note = id_mode(args.userns, namespace.subordinate_ids(), tools)
+    if mode == "root":
+        check_user(config)
     volumes = [parse_volume(v) for v in args.volume]
     workdir = args.workdir or config.get("WorkingDir") or "/"
 
@@ -279,6 +408,8 @@ def run(args: argparse.Namespace) -> int:
             (cdir / sub).mkdir(parents=True, mode=0o700)
         meta = {"image": ref, "created": time.time(), "layers": lowers}
         (cdir / "container.json").write_text(json.dumps(meta))
+        if note is not None:
+            print(f"unionfs run: {note}", file=sys.stderr)
     elif args.rm:
         raise RunError(f"container {name!r} exists: --rm is for a new container")
     try:
@@ -291,20 +422,6 @@ def run(args: argparse.Namespace) -> int:
     mnt = runtime_dir() / f"container.{name}.{os.getpid()}"
     try:
         mnt.mkdir(mode=0o700)
-        uid, gid = os.getuid(), os.getgid()
-        # Root of the image (disk id 0) and the user's own files (the upper's
-        # root, objects not recorded otherwise) both show as the user, which is
-        # root inside; what goes to disk as root is recorded (override_stat).
-        opts = [f"uidmapping={uid}:0:1:{uid}:{uid}:1", f"gidmapping={gid}:0:1:{gid}:{gid}:1"]
-        try:
-            view = mount_view(lowers, cdir / "upper", cdir / "work", mnt, opts, cdir / "log")
-        except ViewError as e:
-            raise RunError(str(e)) from None
-
-        def detach(_pid: int) -> None:
-            assert view is not None
-            view.detach()
-
         spec = namespace.Spec(
             argv=argv,
             env=env,
@@ -313,8 +430,13 @@ def run(args: argparse.Namespace) -> int:
             net=args.net == "none",
             setup=lambda: container_setup(str(mnt), volumes),
             proc=None,
-            after_setup=detach,
         )
+        if mode == "subids":
+            spec.ids = namespace.Ids.SUBIDS
+            spec.serve = _in_namespace(spec, lowers, cdir, mnt, str(config.get("User") or ""))
+        else:
+            view = _outside(lowers, cdir, mnt)
+            spec.after_setup = lambda _pid: view.detach() if view is not None else None
         try:
             running = namespace.start(spec)
         except namespace.NamespaceError as e:
@@ -324,7 +446,8 @@ def run(args: argparse.Namespace) -> int:
         code = running.wait()
         if running.exec_error:
             print(f"unionfs run: {running.exec_error}", file=sys.stderr)
-        view.reap(timeout=10.0)
+        if view is not None:
+            view.reap(timeout=10.0)
         return code
     finally:
         if view is not None and not view.detached:
@@ -337,6 +460,57 @@ def run(args: argparse.Namespace) -> int:
             _remove_tree(cdir)
 
 
+def _outside(lowers: list[str], cdir: Path, mnt: Path) -> View:
+    """The union mounted by the user outside the namespace (no subordinate ids)."""
+    uid, gid = os.getuid(), os.getgid()
+    # Root of the image (disk id 0) and the user's own files (the upper's
+    # root, objects not recorded otherwise) both show as the user, which is
+    # root inside; what goes to disk as root is recorded (override_stat).
+    opts = [
+        f"uidmapping={uid}:0:1:{uid}:{uid}:1",
+        f"gidmapping={gid}:0:1:{gid}:{gid}:1",
+        "xattr_permissions=2",
+    ]
+    try:
+        return mount_view(lowers, cdir / "upper", cdir / "work", mnt, opts, cdir / "log")
+    except ViewError as e:
+        raise RunError(str(e)) from None
+
+
+#: The union's options inside the user namespace (see the module docstring).
+INSIDE_OPTIONS = ("xattr_permissions=2", "allow_other", "suid")
+
+
+def _in_namespace(
+    spec: namespace.Spec, lowers: list[str], cdir: Path, mnt: Path, user: str
+) -> Callable[[Callable[[], None]], int]:
+    """namespace.Spec.serve for the subordinate-id mode: the daemon mounts the
+    union in the user namespace; then the image's User is looked up in the
+    union's own /etc/passwd and /etc/group (Spec.user, set for the init that
+    is forked next)."""
+
+    def serve(in_child: Callable[[], None]) -> int:
+        try:
+            opts = list(INSIDE_OPTIONS)
+            view = mount_view(
+                lowers, cdir / "upper", cdir / "work", mnt, opts, cdir / "log", in_child
+            )
+        except ViewError as e:
+            raise namespace.NamespaceError(str(e)) from None
+        if user:
+            root = str(mnt)
+            found = user_of(
+                user, read_image_file(root, "etc/passwd"), read_image_file(root, "etc/group")
+            )
+            if found is not None:
+                spec.user = found[:3]
+                if spec.env is not None and spec.env.get("HOME") == "/root":
+                    spec.env["HOME"] = found[3]
+        return view.pid
+
+    return serve
+
+
 def _parser(prog: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=prog, description="Run a command in an image, rootless.")
     p.add_argument("--name", help="the container (its upper is kept under this name)")
@@ -345,6 +519,13 @@ def _parser(prog: str) -> argparse.ArgumentParser:
     p.add_argument("-e", "--env", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("-w", "--workdir", help="working directory inside (default: the image's)")
     p.add_argument("--net", choices=["host", "none"], default="host")
+    p.add_argument(
+        "--userns",
+        choices=["auto", "subids", "root"],
+        default="auto",
+        help="map your subordinate ids (subids), or only yourself as root (root);"
+        " auto: subids where /etc/subuid has them",
+    )
     p.add_argument("--rootfs", metavar="DIR[:DIR...]", help="layers given as directories")
     p.add_argument("--config", metavar="FILE", help="with --rootfs: an image config JSON")
     p.add_argument("command", nargs=argparse.REMAINDER, metavar="IMAGE [-- CMD...]")

@@ -23,6 +23,21 @@ Identities:
   the real uid and gid back, and the capability bounding set is emptied, so the
   program runs as the user with no capability at all and cannot undo the
   mounts made for it.
+
+A service inside (``Spec.serve``: the union's daemon of ``unionfs run`` with
+subordinate ids, which must mount inside the user namespace for the kernel to
+take the container's ids): the namespace's first process starts it right after
+the id maps, as root of the user namespace and in the mount namespace A made
+with it, then makes the PID namespace, and the init it forks unshares a mount
+namespace B of its own before the setup.  pivot_root changes the root of every
+process of the namespace that pivots, so only B pivots and the service keeps
+A's root.  The first process stops the service by its pid (SIGTERM, then
+SIGKILL) once the init has exited, and waits for it; if that process dies, the
+service gets SIGTERM from the kernel (PR_SET_PDEATHSIG).  Every mount the
+service made is in A or B, so nothing outlives the run.
+
+Process tree (``pid=True``): runner -> first process (A; relays signals,
+stops the service) -> [service (A)], init (B, PID 1) -> program.
 """
 
 from __future__ import annotations
@@ -34,6 +49,7 @@ import errno
 import fcntl
 import os
 import pwd
+import select
 import shutil
 import signal
 import socket
@@ -274,6 +290,26 @@ def subordinate_range(path: str, user: str, uid: int) -> tuple[int, int] | None:
     return None
 
 
+SubIds = tuple[tuple[int, int], tuple[int, int]]
+
+
+def subordinate_ids(
+    uid: int | None = None, subuid: str = "/etc/subuid", subgid: str = "/etc/subgid"
+) -> SubIds | None:
+    """The user's (uid range, gid range) from /etc/subuid and /etc/subgid, or None
+    when either has none (or for root, which needs none)."""
+    uid = os.getuid() if uid is None else uid
+    try:
+        name = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        name = str(uid)
+    su = subordinate_range(subuid, name, uid)
+    sg = subordinate_range(subgid, name, uid)
+    if su is None or sg is None or uid == 0:
+        return None
+    return su, sg
+
+
 def _newidmap(tool: str, pid: int, own: int, sub: tuple[int, int]) -> None:
     binary = shutil.which(tool)
     if binary is None:
@@ -314,6 +350,14 @@ class Spec:
     #: Runs in the runner once the setup is done and before the program is
     #: exec'd (the child waits for it): e.g. detach the view outside.
     after_setup: Callable[[int], None] | None = None
+    #: A service the program uses (see the module docstring), started in the
+    #: user namespace before the PID namespace and the program's own mount
+    #: namespace exist.  Called with the function the service's forked process
+    #: must run first (it drops the runner's pipes and arranges the SIGTERM on
+    #: the first process's death); returns that process's pid.
+    serve: Callable[[Callable[[], None]], int] | None = None
+    #: How long a stopped service may take to exit before it is killed.
+    serve_stop_timeout: float = 10.0
     #: Also exec as this uid/gid inside (container images' User), after setup.
     user: tuple[int, int, list[int]] | None = None
     pass_fds: tuple[int, ...] = field(default_factory=tuple)
@@ -342,16 +386,20 @@ def _fail(status_w: int, e: BaseException) -> None:
 
 
 def _child(spec: Spec, ids: Ids, go: int, status_w: int) -> None:
-    """In the forked child: the namespaces and the id maps, then the init.
+    """In the forked child: the namespaces and the id maps, the service, then the init.
 
     This process stays outside the new PID namespace (unshare puts only its
-    children in it) and relays: it waits for the init and passes signals on.
-    Never returns.
+    children in it) and relays: it waits for the init and passes signals on;
+    then it stops the service.  Never returns.
     """
+    service: int | None = None
     try:
         uid, gid, runner = os.getuid(), os.getgid(), os.getppid()
-        flags = CLONE_NEWUSER | CLONE_NEWNS | (CLONE_NEWPID if spec.pid else 0)
-        flags |= CLONE_NEWNET if spec.net else 0
+        flags = CLONE_NEWUSER | CLONE_NEWNS | (CLONE_NEWNET if spec.net else 0)
+        # With a service, the PID namespace comes after it: the service's
+        # process must not be in it (its init's end kills the whole namespace).
+        later = CLONE_NEWPID if spec.pid and spec.serve is not None else 0
+        flags |= CLONE_NEWPID if spec.pid and not later else 0
         try:
             unshare(flags)
         except OSError as e:
@@ -367,17 +415,63 @@ def _child(spec: Spec, ids: Ids, go: int, status_w: int) -> None:
         else:
             map_self(0, uid, 0, gid)
         _die_with_parent(runner)
-        if not spec.pid:
+        if spec.serve is not None:
+            mount(None, "/", None, MS_REC | MS_PRIVATE)  # nothing propagates in or out
+            me = os.getpid()
+            service = spec.serve(lambda: _service_child(me, go, status_w))
+            if later:
+                unshare(later)
+        elif not spec.pid:
             _init(spec, go, status_w, uid, gid)
+        relay = os.getpid()
         init = os.fork()
         if init == 0:
-            _die_with_parent(None)
+            _die_with_parent(None if spec.pid else relay)
             _init(spec, go, status_w, uid, gid)
         os.close(go)
         os.close(status_w)
-        os._exit(_relay(init))
+        code = _relay(init)
+        if service is not None:
+            stop_service(service, spec.serve_stop_timeout)
+        os._exit(code)
     except BaseException as e:
+        if service is not None:
+            stop_service(service, spec.serve_stop_timeout)
         _fail(status_w, e)
+
+
+def _service_child(parent: int, go: int, status_w: int) -> None:
+    """First steps of a service's process: the runner's pipes are not its to
+    hold (the runner reads the status pipe to its end), and it stops (SIGTERM:
+    a clean unmount) when the namespace's first process dies."""
+    for fd in (go, status_w):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    if os.getppid() != parent:
+        os._exit(137)
+
+
+def stop_service(pid: int, timeout: float) -> int | None:
+    """SIGTERM ``pid`` (a child of this process), SIGKILL it after ``timeout`` s;
+    reaped.  Its exit status as a shell shows it, None when already reaped."""
+    try:
+        fd = os.pidfd_open(pid)
+    except ProcessLookupError:
+        fd = -1
+    try:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        if fd >= 0 and not select.select([fd], [], [], timeout)[0]:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        try:
+            return exit_code(os.waitpid(pid, 0)[1])
+        except ChildProcessError:
+            return None
+    finally:
+        if fd >= 0:
+            os.close(fd)
 
 
 def _init(spec: Spec, go: int, status_w: int, uid: int, gid: int) -> None:
@@ -386,6 +480,8 @@ def _init(spec: Spec, go: int, status_w: int, uid: int, gid: int) -> None:
     program ends it exits with its status, which ends every process left in the
     namespace.  Never returns."""
     try:
+        if spec.serve is not None:
+            unshare(CLONE_NEWNS)  # B: what pivots here leaves the service's A alone
         if spec.net:
             loopback_up()
         mount(None, "/", None, MS_REC | MS_PRIVATE)
@@ -519,8 +615,6 @@ class Running:
 
 
 def _readable(fd: int) -> bool:
-    import select
-
     return bool(select.select([fd], [], [], 0)[0])
 
 
@@ -537,19 +631,9 @@ def start(spec: Spec) -> Running:
     """Fork the child, map its ids, run the setup; raise NamespaceError with the
     child's one-line reason if any step fails (the child is then reaped)."""
     ids = spec.ids
-    sub: tuple[tuple[int, int], tuple[int, int]] | None = None
-    if ids is Ids.SUBIDS:
-        uid = os.getuid()
-        try:
-            name = pwd.getpwuid(uid).pw_name
-        except KeyError:
-            name = str(uid)
-        su = subordinate_range("/etc/subuid", name, uid)
-        sg = subordinate_range("/etc/subgid", name, uid)
-        if su is None or sg is None or uid == 0:
-            ids = Ids.ROOT
-        else:
-            sub = (su, sg)
+    sub = subordinate_ids() if ids is Ids.SUBIDS else None
+    if sub is None:
+        ids = Ids.ROOT
     go_r, go_w = os.pipe()
     status_r, status_w = os.pipe()
     for fd in (go_r, go_w, status_r, status_w):

@@ -125,12 +125,12 @@ class MountConfig:
 
     def _shows_other_owners(self) -> bool:
         """Owners/modes from metadata or mappings, shown by real root: nosuid,nodev forced."""
-        from .ownership import can_chown_freely, shows_other_owners
+        from .ownership import real_root, shows_other_owners
 
         mapping = bool(self.uidmapping or self.gidmapping) or (
             self.squash_uid is not None or self.squash_gid is not None
         )
-        return can_chown_freely() and shows_other_owners(self.xattr_permissions, mapping, True)
+        return real_root() and shows_other_owners(self.xattr_permissions, mapping, True)
 
 
 def split_lowerdirs(spec: str) -> list[str]:
@@ -439,8 +439,10 @@ def check_paths(
     upper under $HOME and covers it inside its namespace) put it there.
     """
     if is_root is None:
-        is_root = os.geteuid() == 0
-    if cfg.metacopy and not is_root:
+        is_root = os.geteuid() == 0  # root of any user namespace mounts without fusermount3
+    from .ownership import real_root
+
+    if cfg.metacopy and not real_root():
         raise ConfigError(
             "-o metacopy=on needs a root mount: kernel overlayfs reads metacopy files only"
             " with trusted.* xattrs, never in a rootless (userxattr) upper",

@@ -387,15 +387,42 @@ def layer_has_ownership(root_fd: int) -> bool:
     return True
 
 
-def can_chown_freely() -> bool:
-    """True for root in the initial user namespace: real owners can be written."""
-    if os.geteuid() != 0:
-        return False
+def _ids_are_the_hosts() -> bool:
+    """Is this process in the initial user namespace (every id mapped to itself)?
+
+    Inside any other one the ids it sees (stat, the FUSE request's caller) are
+    that namespace's, and its root is not the host's root.
+    """
     try:
         with open("/proc/self/uid_map") as f:
             return f.read().split() == ["0", "0", "4294967295"]
     except OSError:
-        return True
+        return True  # no /proc to tell: no user namespace either
+
+
+def real_root() -> bool:
+    """Root of the initial user namespace: THE test for real privilege.
+
+    Only that root may set ``trusted.*`` xattrs (the kernel overlayfs format),
+    make device nodes and chown to any id; the host kernel honours the setuid
+    bits and devices of its mounts.  Root of another user namespace (``unshare
+    -r``, ``unionfs run``) may chown to the ids mapped there and make whiteouts
+    (0/0, Linux >= 5.8), nothing more: it is rootless for every format choice.
+    Not cached: a process may enter a user namespace after an earlier call.
+    """
+    return os.geteuid() == 0 and _ids_are_the_hosts()
+
+
+def marker_xattr_ns() -> bytes:
+    """The namespace of the overlay xattrs (opaque, origin) this process writes:
+    ``trusted.`` for real root (kernel overlayfs' default), else ``user.``
+    (overlayfs' ``userxattr``, what a rootless or user-namespace mount reads)."""
+    return b"trusted." if real_root() else b"user."
+
+
+def in_user_namespace() -> bool:
+    """Are the ids this process sees another namespace's (not the host's)?"""
+    return not _ids_are_the_hosts()
 
 
 def after_chown(ov: Override, st_mode: int) -> Override:
@@ -478,6 +505,11 @@ class Presenter:
     ) -> None:
         self.mapping = mapping
         self.record = record
+        #: In a user namespace (unionfs run with subordinate ids) the real owner
+        #: the daemon sees (0: the user) is not the one a reader outside sees
+        #: (the user's uid): every new object is then recorded, so the upper
+        #: reads the same outside (a remount, ``unionfs commit``) as inside.
+        self.record_all = in_user_namespace()
         self.upper = 0 if has_upper else None
         self.marked = {i for i, fd in enumerate(layer_fds) if layer_has_ownership(fd)}
         if force and self.upper is not None:
@@ -610,7 +642,7 @@ class Presenter:
         """Record the owner of an object just created for a caller (ids shown)."""
         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         duid, dgid = self.mapping.disk(uid, gid)
-        if kind is None and (duid, dgid) == (st.st_uid, st.st_gid):
+        if kind is None and (duid, dgid) == (st.st_uid, st.st_gid) and not self.record_all:
             return
         if not xattr_capable(st.st_mode):
             return  # a symlink, FIFO or socket: no xattr; it keeps the daemon's owner
@@ -666,13 +698,13 @@ def presenter_for(
     without such lowers; 0: never.  Recording (chown/chmod/mknod write
     metadata) happens only when the daemon cannot chown freely.
     """
-    xattr_permissions = effective_xattr_permissions(xattr_permissions, can_chown_freely())
+    xattr_permissions = effective_xattr_permissions(xattr_permissions, real_root())
     force = xattr_permissions == 2
     view = Presenter(
         layer_fds if xattr_permissions != 0 else [],
         has_upper,
         mapping,
-        record=not can_chown_freely(),
+        record=not real_root(),
         force=force,
     )
     if not view.active and mapping == Mapping():

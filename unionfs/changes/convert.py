@@ -29,7 +29,7 @@ import stat as stat_mod
 import sys
 from dataclasses import dataclass
 
-from .. import markers
+from .. import markers, ownership
 from ..markers import Opacity
 from ..syscalls import RENAME_NOREPLACE, renameat2
 
@@ -241,7 +241,7 @@ def convert(
 ) -> list[Conversion]:
     """Rewrite every marker under ``root`` into format ``to``; returns what changed."""
     if xattr_ns is None:
-        xattr_ns = b"trusted." if os.geteuid() == 0 else b"user."
+        xattr_ns = ownership.marker_xattr_ns()
     return Converter(root, to, xattr_ns, dry_run).run()
 
 
@@ -258,7 +258,7 @@ def main(prog: str, argv: list[str]) -> int:
     )
     parser.add_argument("--dry-run", "-n", action="store_true", help="print, change nothing")
     args = parser.parse_args(argv)
-    ns = b"user." if args.userxattr or os.geteuid() != 0 else b"trusted."
+    ns = b"user." if args.userxattr else ownership.marker_xattr_ns()
     try:
         done = convert(args.dir, args.to, ns, args.dry_run)
     except ConvertError as e:

@@ -23,7 +23,7 @@ import shutil
 import stat as stat_mod
 import sys
 
-from .. import markers
+from .. import markers, ownership
 from ..layers import Entry, LayerStack
 from ..markers import Opacity
 from ..options import ConfigError, split_lowerdirs
@@ -176,7 +176,7 @@ def squash(layers: list[str], out: str, fmt: str = "kernel", xattr_ns: bytes | N
     if os.path.lexists(out):
         raise SquashError(f"{out}: exists")
     if xattr_ns is None:
-        xattr_ns = b"trusted." if os.geteuid() == 0 else b"user."
+        xattr_ns = ownership.marker_xattr_ns()
     parent, base = os.path.split(os.path.abspath(out))
     tmp = os.path.join(parent, f".{base}.partial-{os.getpid()}")
     os.mkdir(tmp, 0o755)

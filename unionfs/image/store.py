@@ -49,7 +49,7 @@ from typing import IO, Any
 
 from ..oci import extract, layout
 from ..oci.layout import ImageError, Platform
-from ..ownership import can_chown_freely
+from ..ownership import real_root
 from ..syscalls import syncfs
 
 DEFAULT_TAG = "latest"
@@ -255,7 +255,7 @@ class Store:
     def _writable(self) -> None:
         if self.readonly:
             raise StoreError(f"the store {self.root} is read-only")
-        if can_chown_freely():
+        if real_root():
             self._make_private()
         for d in ("layers", "images", "tmp"):
             os.makedirs(self._p(d), exist_ok=True)  # the umask decides who may read
@@ -441,7 +441,7 @@ class Store:
             "overrides": stats.overrides,
             "side_table_records": stats.table_records,
             "dropped_xattrs": dict(stats.dropped_xattrs),
-            "ownership": "real" if os.geteuid() == 0 and not stats.overrides else "override",
+            "ownership": "real" if real_root() and not stats.overrides else "override",
         }
         _write_atomic(os.path.join(tmp, "layer.json"), json.dumps(info, indent=1).encode(), False)
 

@@ -150,7 +150,7 @@ class Extractor:
 
     def __init__(self, root_fd: int, privileged: bool | None = None, use_xattrs: bool = True):
         self.root_fd = root_fd
-        self.privileged = ownership.can_chown_freely() if privileged is None else privileged
+        self.privileged = ownership.real_root() if privileged is None else privileged
         self.use_xattrs = use_xattrs
         self.uid, self.gid = os.geteuid(), os.getegid()
         self.writer = markers.Writer("oci", b"user.")

@@ -22,6 +22,7 @@ import os
 import shutil
 import signal
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,14 +105,21 @@ def fusermount(*args: str | Path) -> None:
 
 
 def mount_view(
-    root: str | list[str], upper: Path, work: Path, mnt: Path, options: list[str], log: Path
+    root: str | list[str],
+    upper: Path,
+    work: Path,
+    mnt: Path,
+    options: list[str],
+    log: Path,
+    in_child: Callable[[], None] | None = None,
 ) -> View:
     """Fork a daemon serving ``root`` (+ ``upper``) at ``mnt``; return once it answers.
 
     ``root`` may be a list of lowers, top first (a container image's layers).
 
     The daemon gets the runner's descriptors (the sandbox lock among them) and
-    writes its log to ``log``.
+    writes its log to ``log``.  ``in_child`` runs first in the daemon's
+    process (namespace.Spec.serve's set-up of a service).
     """
     ready_r, ready_w = os.pipe()
     pid = os.fork()
@@ -119,6 +127,8 @@ def mount_view(
         code = 1
         try:
             os.close(ready_r)
+            if in_child is not None:
+                in_child()
             lowers = [root] if isinstance(root, str) else root
             code = _daemon(lowers, upper, work, mnt, options, log, ready_w)
         except BaseException as e:

@@ -308,10 +308,10 @@ def user_of(spec: str, passwd: str, group: str) -> tuple[int, int, list[int], st
     name = name or "root"
     if name in users:
         uid, gid, home = users[name]
-    else:
-        uid, home = _number(name, "user"), "/"
-        gid = next((g for u, g, _ in users.values() if u == uid), uid)
+    else:  # a number: its passwd entry if it has one
+        uid = _number(name, "user")
         name = next((n for n, (u, _, _) in users.items() if u == uid), name)
+        uid, gid, home = users.get(name, (uid, uid, "/"))
     if gname:
         gid = groups[gname][0] if gname in groups else _number(gname, "group")
     extra = {g for g, members in groups.values() if name in members}
@@ -404,8 +404,11 @@ def run(args: argparse.Namespace) -> int:
     cdir = top / name
     fresh = not cdir.exists()
     if fresh:
-        for sub in ("upper", "work"):
-            (cdir / sub).mkdir(parents=True, mode=0o700)
+        # The upper's root is the merged root where no layer records one: 0755,
+        # for users of the image other than root (the container dir is 0700).
+        (cdir / "upper").mkdir(parents=True)
+        (cdir / "upper").chmod(0o755)  # whatever the umask
+        (cdir / "work").mkdir(mode=0o700)
         meta = {"image": ref, "created": time.time(), "layers": lowers}
         (cdir / "container.json").write_text(json.dumps(meta))
         if note is not None:

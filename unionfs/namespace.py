@@ -611,6 +611,8 @@ class Running:
         os.close(self._status_r)
         if tail.startswith(b"E"):
             self.exec_error = tail[1:].decode(errors="replace").split(" ", 1)[-1]
+        elif tail.startswith(b"X"):  # the program's set-up failed (its identity, cwd)
+            self.exec_error = tail[1:].decode(errors="replace")
         return code
 
 

@@ -96,6 +96,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--unionfs-opts", default="", metavar="OPTS", help="extra -o options for unionfs-mount"
     )
     p.add_argument(
+        "--baseline",
+        metavar="CMD",
+        help="another unionfs-mount command, target 'unionfs-base': A/B of two versions"
+        " measured in the same rounds (add it to --targets)",
+    )
+    p.add_argument(
         "--timeout",
         type=float,
         help="seconds per timed run before the FUSE daemon is killed (default 900)",
@@ -128,7 +134,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def select_targets(args: argparse.Namespace) -> tuple[list[Target], dict[str, str]]:
     """The requested targets that can run here, and why the others cannot."""
-    known = targets.all_targets(args.unionfs, args.unionfs_opts)
+    known = targets.all_targets(args.unionfs, args.unionfs_opts, args.baseline)
     wanted = [n.strip() for n in args.targets.split(",") if n.strip()]
     unknown = [n for n in wanted if n not in known]
     if unknown:

@@ -30,10 +30,18 @@ from .markers import Opacity
 
 Path = tuple[bytes, ...]
 
-#: A lookup in a directory present in at least this many lower layers first reads
-#: each layer's names once; from then on misses and whiteouts cost no syscall.
-NAME_INDEX_MIN_LAYERS = 4
-#: Names kept in those per-layer sets, all directories together (LRU beyond).
+#: A lookup that misses in a lower directory this small (``st_size``: one to a
+#: few blocks, up to ~1,000 names on ext4) reads its names at once; from then
+#: on misses and OCI whiteout checks there cost no syscall.
+NAME_INDEX_SMALL_DIR = 32 * 1024
+#: A bigger directory is read once its misses, each of this many bytes of its
+#: ``st_size``, add up to the whole: listing costs about what ~16 names' worth
+#: of misses cost, so a few lookups in a huge directory never list it.
+NAME_INDEX_MISS_BYTES = 512
+#: Lower directories whose size and misses are tracked before they are read.
+NAME_INDEX_PENDING = 65536
+#: Names kept in those per-layer sets, all directories together (the oldest
+#: read go first beyond).
 NAME_INDEX_MAX_NAMES = 1_000_000
 
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -72,6 +80,19 @@ class Layer:
     writable: bool
 
 
+@dataclass(frozen=True, slots=True)
+class Names:
+    """The names one lower directory holds, read once.
+
+    ``markers``: whether any is a ``.wh.`` name (an OCI whiteout or the opaque
+    marker), so the common directory answers those checks without building
+    the marker's name.
+    """
+
+    names: frozenset[bytes]
+    markers: bool
+
+
 @dataclass(slots=True)
 class Entry:
     """What a name resolves to across the stack.
@@ -107,8 +128,13 @@ class LayerStack:
         self.layers: list[Layer] = []
         self._cache: OrderedDict[tuple[int, Path], int] = OrderedDict()
         self._cache_size = max(16, fd_cache_size)
-        self._names: OrderedDict[tuple[int, Path], frozenset[bytes]] = OrderedDict()
+        self._names: OrderedDict[tuple[int, Path], Names] = OrderedDict()
         self._names_total = 0
+        #: Misses so far (and st_size) of big lower directories not read yet.
+        self._misses: dict[tuple[int, Path], list[int]] = {}
+        #: -o live: asked before a lower directory's names are read to be kept;
+        #: True once a watch covers it (watch.py), False: read, not kept.
+        self.keep_names: Callable[[int, Path], bool] | None = None
         #: Bumped after every change to the upper's namespace or copy-up; merged
         #: listings cached on directory nodes are valid for one generation.
         self.generation = 0
@@ -166,11 +192,17 @@ class LayerStack:
         return len(self._cache)
 
     def forget_dir(self, layer: int, path: Path) -> None:
-        """Drop cached descriptors of ``path`` and below (after rename/rmdir)."""
+        """Drop cached descriptors (and remembered names) of ``path`` and below
+        (after rename/rmdir; -o live: a lower directory moved or removed)."""
         n = len(path)
         stale = [k for k in self._cache if k[0] == layer and k[1][:n] == path]
         for key in stale:
             os.close(self._cache.pop(key))
+        if self.upper is None or layer != 0:
+            for key in [k for k in self._names if k[0] == layer and k[1][:n] == path]:
+                self.forget_names(*key)
+            for key in [k for k in self._misses if k[0] == layer and k[1][:n] == path]:
+                del self._misses[key]
 
     # -- primitives ------------------------------------------------------------
 
@@ -215,38 +247,64 @@ class LayerStack:
 
     # -- the name index of lower directories -----------------------------------
 
-    def _remember_names(self, layer: int, path: Path, names: frozenset[bytes]) -> None:
-        """Keep a lower directory's names: lower layers never change while mounted."""
+    def _may_keep(self, layer: int, path: Path) -> bool:
+        """May the names of this directory, read from now on, be kept?
+
+        Lower layers never change while mounted, except with -o live, whose
+        watch (``keep_names``) must cover the directory before it is read.
+        """
         if self.upper is not None and layer == 0:
-            return
+            return False
+        return self.keep_names is None or self.keep_names(layer, path)
+
+    def _remember_names(self, layer: int, path: Path, names: frozenset[bytes]) -> Names:
+        """Keep a lower directory's names (``_may_keep`` said yes before reading them)."""
         key = (layer, path)
+        self._misses.pop(key, None)
         old = self._names.pop(key, None)
         if old is not None:
-            self._names_total -= len(old)
-        self._names[key] = names
+            self._names_total -= len(old.names)
+        entry = Names(names, any(n.startswith(markers.WHITEOUT_PREFIX) for n in names))
+        self._names[key] = entry
         self._names_total += len(names)
         while self._names_total > NAME_INDEX_MAX_NAMES and len(self._names) > 1:
             _, dropped = self._names.popitem(last=False)
-            self._names_total -= len(dropped)
+            self._names_total -= len(dropped.names)
+        return entry
 
     def forget_names(self, layer: int, path: Path) -> None:
         """Drop a lower directory's remembered names (it changed: -o live)."""
+        self._misses.pop((layer, path), None)
         old = self._names.pop((layer, path), None)
         if old is not None:
-            self._names_total -= len(old)
+            self._names_total -= len(old.names)
 
-    def _names_of(self, layer: int, path: Path, build: bool) -> frozenset[bytes] | None:
-        names = self._names.get((layer, path))
-        if names is not None:
-            self._names.move_to_end((layer, path))
-            return names
-        if not build or (self.upper is not None and layer == 0):
+    def _names_after_miss(self, layer: int, path: Path) -> Names | None:
+        """A lookup missed in this lower directory: read its names if that pays.
+
+        A small directory is read at its first miss; a big one once its misses
+        have cost about what reading it costs (``NAME_INDEX_MISS_BYTES``).
+        """
+        key = (layer, path)
+        pending = self._misses.get(key)
+        if pending is None:  # not seen by a lookup (the root, an evicted one)
+            try:
+                size = os.fstat(self.dirfd(layer, path)).st_size
+            except OSError:
+                return None
+            if len(self._misses) > NAME_INDEX_PENDING:
+                self._misses.clear()
+            pending = self._misses[key] = [0, size]
+        pending[0] += 1
+        if pending[1] > NAME_INDEX_SMALL_DIR and pending[0] * NAME_INDEX_MISS_BYTES < pending[1]:
+            return None
+        if not self._may_keep(layer, path):
             return None
         try:
-            self.scandir(layer, path)  # remembers the names as a side effect
+            names = os.listdir(b"/proc/self/fd/%d" % self.dirfd(layer, path))
         except OSError:
             return None
-        return self._names.get((layer, path))
+        return self._remember_names(layer, path, frozenset(names))
 
     def scandir(self, layer: int, path: Path) -> list[tuple[bytes, bool, bool]]:
         """(name, is_dir, special) for each entry of one layer's directory.
@@ -254,6 +312,7 @@ class LayerStack:
         ``special`` flags devices, fifos and sockets (d_type alone cannot tell
         a 0/0 whiteout from a real device, so those need an lstat).
         """
+        keep = self._may_keep(layer, path)
         fd = os.open(
             ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.dirfd(layer, path)
         )
@@ -265,7 +324,8 @@ class LayerStack:
                     is_dir = e.is_dir(follow_symlinks=False)
                     special = not (is_dir or e.is_file(follow_symlinks=False) or e.is_symlink())
                     out.append((name, is_dir, special))
-                self._remember_names(layer, path, frozenset(n for n, _, _ in out))
+                if keep:
+                    self._remember_names(layer, path, frozenset(n for n, _, _ in out))
                 return out
         finally:
             os.close(fd)
@@ -339,7 +399,11 @@ class LayerStack:
             )
             if opacity is Opacity.OPAQUE:
                 return opacity
-            if self.lstat(layer, path, markers.OPAQUE_NAME) is not None:
+            known = self._names.get((layer, path))
+            if known is not None:
+                if known.markers and markers.OPAQUE_NAME in known.names:
+                    return Opacity.OPAQUE
+            elif self.lstat(layer, path, markers.OPAQUE_NAME) is not None:
                 return Opacity.OPAQUE
         except PermissionError:
             return Opacity.MERGE
@@ -376,17 +440,21 @@ class LayerStack:
         found: Entry | None = None
         merged: list[int] = []
         xwh: set[int] = set()
-        lowers = len(dir_layers) - (1 if dir_layers[0] == 0 and self.upper is not None else 0)
-        build = lowers >= NAME_INDEX_MIN_LAYERS
+        known = self._names
         for layer in dir_layers:
-            names = self._names_of(layer, dirpath, build)
-            if names is not None and name not in names:
-                if markers.oci_whiteout_name(name) in names:
+            names = known.get((layer, dirpath))
+            if names is not None and name not in names.names:
+                if names.markers and markers.oci_whiteout_name(name) in names.names:
                     break
                 continue
             st = self.lstat(layer, dirpath, name)
             if st is None:
-                if self.has_oci_whiteout(layer, dirpath, name):
+                if names is None:
+                    names = self._names_after_miss(layer, dirpath)
+                if names is None:
+                    if self.has_oci_whiteout(layer, dirpath, name):
+                        break
+                elif names.markers and markers.oci_whiteout_name(name) in names.names:
                     break
                 continue
             if self._is_whiteout(layer, dirpath, name, st, layer in xwh_layers):
@@ -404,6 +472,9 @@ class LayerStack:
             elif found.ino_layer == 0 and self.upper is not None:
                 found.ino_layer, found.ino_st = layer, st
             merged.append(layer)
+            if (layer or self.upper is None) and len(self._misses) < NAME_INDEX_PENDING:
+                # Its size decides when its names are read (no fstat then).
+                self._misses.setdefault((layer, (*dirpath, name)), [0, st.st_size])
             if layer == dir_layers[-1]:
                 break
             opacity = self.dir_opacity(layer, (*dirpath, name), xnames)

@@ -143,6 +143,7 @@ class LowerWatch:
         self.max_watches = max_watches
         self._full = False
         ops.on_dir_used = self.use
+        self.stack.keep_names = self.covers
         self.use(self.table.root)
 
     # -- watching --------------------------------------------------------------
@@ -160,6 +161,16 @@ class LowerWatch:
         for layer in layers:
             if layer >= self.first_lower and (layer, path) not in self.watched:
                 self._add(layer, path)
+
+    def covers(self, layer: int, path: tuple[bytes, ...]) -> bool:
+        """Is lower directory ``path`` of ``layer`` watched (added now if it can be)?
+
+        The layer stack asks before it reads a directory's names to keep them:
+        names kept without a watch would never be dropped.
+        """
+        if (layer, path) not in self.watched and layer >= self.first_lower:
+            self._add(layer, path)
+        return (layer, path) in self.watched
 
     def _add(self, layer: int, path: tuple[bytes, ...]) -> None:
         if len(self.watched) >= self.max_watches:
@@ -212,6 +223,7 @@ class LowerWatch:
                     log.exception("-o live: an event could not be applied")
         finally:
             self.ops.on_dir_used = None
+            self.stack.keep_names = None
             os.close(self.fd)
 
     async def apply(self, changes: dict[tuple[int, bytes], int]) -> None:

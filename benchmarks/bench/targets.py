@@ -386,7 +386,16 @@ class Unionfs(FuseTarget):
         return [str(self.binary()), "-f", "-o", opts, lowers, str(upper), str(mnt)]
 
 
-def all_targets(unionfs_command: str | None, unionfs_options: str) -> dict[str, Target]:
+class UnionfsBaseline(Unionfs):
+    """Another version of unionfs (``--baseline CMD``), mounted with the same options: an
+    A/B of two versions in the same rounds, side by side with the peers."""
+
+    name = "unionfs-base"
+
+
+def all_targets(
+    unionfs_command: str | None, unionfs_options: str, baseline: str | None = None
+) -> dict[str, Target]:
     targets: list[Target] = [
         Native(),
         KernelOverlay(),
@@ -394,6 +403,8 @@ def all_targets(unionfs_command: str | None, unionfs_options: str) -> dict[str, 
         UnionfsFuse(),
         Unionfs(unionfs_command, unionfs_options),
     ]
+    if baseline:
+        targets.append(UnionfsBaseline(baseline, unionfs_options))
     return {t.name: t for t in targets}
 
 

@@ -464,20 +464,23 @@ class LayerStack:
                     return self.nondir_entry(layer, dirpath, name, st)
                 break
             xnames = None
+            child = (*dirpath, name)
             if found is None:
                 found = Entry(layer, st, ino_layer=layer, ino_st=st)
                 if layer == 0 and self.upper is not None:
-                    xnames = self.listxattr(0, (*dirpath, name))
-                    found.origin = self.origin_of((*dirpath, name), None, xnames)
+                    xnames = self.listxattr(0, child)
+                    found.origin = self.origin_of(child, None, xnames)
             elif found.ino_layer == 0 and self.upper is not None:
                 found.ino_layer, found.ino_st = layer, st
             merged.append(layer)
             if (layer or self.upper is None) and len(self._misses) < NAME_INDEX_PENDING:
                 # Its size decides when its names are read (no fstat then).
-                self._misses.setdefault((layer, (*dirpath, name)), [0, st.st_size])
+                key = (layer, child)
+                if key not in self._misses:
+                    self._misses[key] = [0, st.st_size]
             if layer == dir_layers[-1]:
                 break
-            opacity = self.dir_opacity(layer, (*dirpath, name), xnames)
+            opacity = self.dir_opacity(layer, child, xnames)
             if opacity is Opacity.OPAQUE:
                 break
             if opacity is Opacity.HAS_XATTR_WHITEOUTS:

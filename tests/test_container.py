@@ -297,3 +297,26 @@ def test_the_image_user_is_resolved_in_its_own_files() -> None:
         user_of("nobody-here", PASSWD, GROUP)
     with pytest.raises(RunError, match="group"):
         user_of("bob:nogroup", PASSWD, GROUP)
+
+
+def test_root_of_a_user_namespace_is_not_real_root(unpriv_user: support.User) -> None:
+    """ownership.real_root(): the one test of privilege (trusted.* markers, metacopy,
+    the extractor's real chown) is false for root of any other user namespace."""
+    import sys
+
+    from unionfs import ownership
+
+    assert ownership.real_root() == (os.geteuid() == 0)
+    code = (
+        "import os; from unionfs import ownership as o;"
+        " print(os.geteuid(), o.real_root(), o.in_user_namespace(), o.marker_xattr_ns())"
+    )
+    r = subprocess.run(
+        ["unshare", "--map-root-user", sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        preexec_fn=support.as_user(unpriv_user),
+        cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        timeout=60,
+    )
+    assert (r.returncode, r.stdout) == (0, "0 False True b'user.'\n"), r.stderr

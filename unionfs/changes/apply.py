@@ -22,8 +22,12 @@ How it works:
    the journal's ``backup/`` (a hard link first for a file: the replacement
    is one rename, atomic for readers).
 3. **Steps.**  Each object is built aside in its target directory
-   (``.#ufa-PLANID-N``), given owner, mode, xattrs and times, fsync'd, then
-   renamed into place.  Each step is idempotent: whether it happened is read
+   (``.#ufa-PLANID-N``), given owner, mode, xattrs and times, then renamed
+   into place.  A durable run commits in groups: up to ``_GROUP`` files are
+   built, one ``syncfs`` writes them out, then they are renamed (plan order,
+   directories' metadata behind the renames into them): no rename reaches
+   the disk before its data, as with an fsync per file, for two syncfs per
+   group instead.  Each step is idempotent: whether it happened is read
    from the filesystem (the temporary name, the backup, the target), so after
    a SIGKILL at any point a rerun resumes (automatically) and ``--undo``
    restores everything from the backups.  A finished run drops its journal

@@ -161,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         split = ", ".join(f"{k} {statistics.median(v):.1f} ms" for k, v in steps.items())
         print(f"\nsandbox steps (median): {split}")
     if commit_s is not None:
+        print(f"\nsandbox commit of {args.commit} small files: {commit_s:.2f} s")
         print(f"\n| commit of {args.commit} small files | s |\n|---|---|")
         print(f"| unionfs sandbox commit (journaled, durable) | {commit_s:.2f} |")
         for name, t in refs.items():

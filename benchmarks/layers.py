@@ -10,7 +10,8 @@
   upper (the physical limit: no lower lookups, no whiteout rules).
 - apply: ``apply`` of that upper onto a directory against ``tar -x`` of the
   upper's tar and a per-file copy loop (``shutil.copy2`` per file, as try's
-  commit or a naive script does), with an fsync per file and with no sync.
+  commit or a naive script does), with no sync and durable (apply's group
+  commit against the same tools followed by one ``sync -f``).
 
 Run: ``.venv/bin/python benchmarks/layers.py [--files 200000] [--small 10000]``
 (``--quick`` for a smoke run).  Prints seconds and ratios; asserts nothing.
@@ -22,6 +23,7 @@ import argparse
 import os
 import shutil
 import stat
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from unionfs.changes.apply import apply
+from unionfs.changes.apply import apply as _apply
 from unionfs.changes.export import export
 from unionfs.changes.scan import scan
 
@@ -123,7 +125,22 @@ def bench_diff(work: Path, files: int, changes: int) -> None:
     print(f"  ratio         {t_naive / t_scan:8.0f}x faster")
 
 
-def bench_small(work: Path, small: int) -> None:
+def apply(upper: str, lowers: list[str], target: str, durable: bool = True) -> object:
+    return _apply(upper, lowers, target, durable=durable)
+
+
+def _sync(path: Path) -> None:
+    subprocess.run(["sync", "-f", str(path)], check=True)
+
+
+def bench_small(work: Path, small: int, rounds: int = 3) -> None:
+    """Export and apply of ``small`` files, each measured ``rounds`` times (medians).
+
+    Nothing is deleted between rounds: on ext4, creating files right after
+    deleting many costs several times more (the inode allocator skips recently
+    deleted inodes), which made earlier figures swing by 10x.  Use a fresh
+    filesystem (``--dir`` on a new loop-mounted ext4) for repeatable figures.
+    """
     lower, upper = work / "slower", work / "supper"
     lower.mkdir()
     for i in range(small):
@@ -131,57 +148,60 @@ def bench_small(work: Path, small: int) -> None:
         if i % 100 == 0:
             d.mkdir(parents=True)
         (d / f"f{i % 100:03d}").write_bytes(os.urandom(512))
-    layer = work / "layer.tar"
-    t_export, _ = timed(export, str(upper), [str(lower)], str(layer))
-    t_tar, _ = timed(subprocess.run, ["tar", "-cf", str(work / "plain.tar"), "-C", str(upper), "."])
-    print(f"export of {small} small files:")
-    print(f"  export-layer  {t_export:8.3f} s")
-    print(f"  tar -c        {t_tar:8.3f} s   ratio {t_export / t_tar:.2f}x tar's time")
+    _sync(work)
+    times: dict[str, list[float]] = {}
 
-    def run_apply(durable: bool) -> float:
-        target = work / f"target-{durable}"
+    def timed_as(name: str, fn, *args) -> None:
+        t, _ = timed(fn, *args)
+        times.setdefault(name, []).append(t)
+
+    def copy_loop(target: Path) -> None:
+        for dirpath, _dirs, names in os.walk(upper):
+            rel = os.path.relpath(dirpath, upper)
+            os.makedirs(os.path.join(target, rel), exist_ok=True)
+            for name in names:
+                shutil.copy2(os.path.join(dirpath, name), os.path.join(target, rel, name))
+
+    plain = work / "plain.tar"
+    for r in range(rounds):
+        timed_as("export", export, str(upper), [str(lower)], str(work / f"layer{r}.tar"))
+        timed_as("tar -c", subprocess.run, ["tar", "-cf", str(plain), "-C", str(upper), "."])
+        for durable in (False, True):
+            target = work / f"apply-{durable}-{r}"
+            target.mkdir()
+            name = "apply, durable" if durable else "apply --no-sync"
+            timed_as(name, apply, str(upper), [str(lower)], str(target), durable)
+        target = work / f"tar-x-{r}"
         target.mkdir()
-        t, _ = timed(lambda: apply(str(upper), [str(lower)], str(target), durable=durable))
-        return t
-
-    def tar_x() -> float:
-        target = work / "target-tar"
+        timed_as("tar -x", subprocess.run, ["tar", "-xf", str(plain), "-C", str(target)])
+        target = work / f"tar-xs-{r}"
         target.mkdir()
-        t, _ = timed(subprocess.run, ["tar", "-xf", str(work / "plain.tar"), "-C", str(target)])
-        return t
-
-    def copy_loop(sync: bool) -> float:
-        target = work / f"target-copy-{sync}"
-
-        def loop() -> None:
-            for dirpath, _dirs, names in os.walk(upper):
-                rel = os.path.relpath(dirpath, upper)
-                os.makedirs(os.path.join(target, rel), exist_ok=True)
-                for name in names:
-                    dst = os.path.join(target, rel, name)
-                    shutil.copy2(os.path.join(dirpath, name), dst)
-                    if sync:
-                        fd = os.open(dst, os.O_RDONLY)
-                        os.fsync(fd)
-                        os.close(fd)
-
-        t, _ = timed(loop)
-        return t
-
-    t_apply_sync, t_apply, t_tarx = run_apply(True), run_apply(False), tar_x()
-    t_copy, t_copy_sync = copy_loop(False), copy_loop(True)
-    print(f"apply of {small} small files:")
-    print(
-        f"  apply (no sync)       {t_apply:8.3f} s   {t_apply / t_tarx:.2f}x tar -x,"
-        f" {t_apply / t_copy:.2f}x a copy loop"
-    )
-    print(
-        f"  apply (fsync per file)   {t_apply_sync:8.3f} s   "
-        f"{t_apply_sync / t_copy_sync:.2f}x a copy loop with fsync"
-    )
-    print(f"  tar -x                   {t_tarx:8.3f} s")
-    print(f"  copy loop                {t_copy:8.3f} s")
-    print(f"  copy loop, fsync         {t_copy_sync:8.3f} s")
+        timed_as(
+            "tar -x, sync -f",
+            lambda t=target: (
+                subprocess.run(["tar", "-xf", str(plain), "-C", str(t)]),
+                _sync(t),
+            ),
+        )
+        timed_as("copy loop", copy_loop, work / f"copy-{r}")
+        timed_as("copy loop, sync -f", lambda t=work / f"copys-{r}": (copy_loop(t), _sync(t)))
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"export and apply of {small} small files (median of {rounds} rounds):")
+    rows = [
+        ("export-layer", "export", "tar -c"),
+        ("tar -c", "tar -c", None),
+        ("apply --no-sync", "apply --no-sync", "tar -x"),
+        ("  vs copy loop", "apply --no-sync", "copy loop"),
+        ("apply (durable: group commit)", "apply, durable", "tar -x, sync -f"),
+        ("  vs copy loop, sync -f", "apply, durable", "copy loop, sync -f"),
+        ("tar -x", "tar -x", None),
+        ("tar -x, sync -f", "tar -x, sync -f", None),
+        ("copy loop", "copy loop", None),
+        ("copy loop, sync -f", "copy loop, sync -f", None),
+    ]
+    for label, key, ref in rows:
+        ratio = f"   {med[key] / med[ref]:.2f}x {ref}" if ref else ""
+        print(f"  {label:32s} {med[key]:8.3f} s{ratio}")
 
 
 def main() -> int:
@@ -189,6 +209,7 @@ def main() -> int:
     parser.add_argument("--files", type=int, default=200_000, help="lower files for diff")
     parser.add_argument("--changes", type=int, default=100, help="upper entries for diff")
     parser.add_argument("--small", type=int, default=10_000, help="files for export/apply")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of export/apply")
     parser.add_argument("--quick", action="store_true", help="a smoke run (small sizes)")
     parser.add_argument("--dir", help="scratch directory (default: a temporary one in /tmp)")
     args = parser.parse_args()
@@ -198,7 +219,7 @@ def main() -> int:
     try:
         if args.files:  # --files 0: export and apply only
             bench_diff(work, args.files, args.changes)
-        bench_small(work, args.small)
+        bench_small(work, args.small, args.rounds)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return 0

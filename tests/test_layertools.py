@@ -470,8 +470,12 @@ def test_apply_gives_the_merged_view_and_undo_gives_the_copy_back(scene, tmp: Pa
     assert not (tmp / ".target.unionfs-apply").exists()
 
 
-def _apply_killed_at(upper: Path, lowers, target: Path, kill_at: int) -> int:
-    """Run apply in a child that SIGKILLs itself at its ``kill_at``-th rename or link."""
+def _apply_killed_at(
+    upper: Path, lowers, target: Path, kill_at: int, points: str = "rename"
+) -> int:
+    """Run apply in a child that SIGKILLs itself at its ``kill_at``-th rename or link
+    (``points="build"``: at its ``kill_at``-th file copy or group commit's syncfs,
+    while files are built aside and not renamed yet)."""
     pid = os.fork()
     if pid == 0:  # pragma: no cover - the child
         count = [0]
@@ -485,9 +489,13 @@ def _apply_killed_at(upper: Path, lowers, target: Path, kill_at: int) -> int:
 
             return wrapper
 
-        apply_mod.renameat2 = counting(apply_mod.renameat2)
-        os.rename = counting(os.rename)
-        os.link = counting(os.link)
+        if points == "build":
+            apply_mod._copy = counting(apply_mod._copy)
+            apply_mod.syncfs = counting(apply_mod.syncfs)
+        else:
+            apply_mod.renameat2 = counting(apply_mod.renameat2)
+            os.rename = counting(os.rename)
+            os.link = counting(os.link)
         try:
             apply_mod.apply(str(upper), [str(p) for p in lowers], str(target))
         finally:
@@ -496,19 +504,28 @@ def _apply_killed_at(upper: Path, lowers, target: Path, kill_at: int) -> int:
     return status
 
 
-@pytest.mark.parametrize("kill_at", [1, 3, 8, 17, 30])
-def test_apply_resumes_or_undoes_after_sigkill(scene, tmp: Path, kill_at: int):
+@pytest.mark.parametrize(
+    ("points", "kill_at"),
+    [
+        *[("rename", n) for n in (1, 3, 8, 17, 30)],
+        # Killed while the group commit has files built aside, not renamed yet.
+        *[("build", n) for n in (1, 3, 5)],
+    ],
+)
+def test_apply_resumes_or_undoes_after_sigkill(scene, tmp: Path, points: str, kill_at: int):
     lowers, upper, merged, _, base = scene
     for mode in ("resume", "undo"):
         target = tmp / f"target-{mode}"
         shutil.copytree(base, target, symlinks=True)
         orig = snapshot(target, xattr_prefixes=XATTRS)
-        status = _apply_killed_at(upper, lowers, target, kill_at)
+        status = _apply_killed_at(upper, lowers, target, kill_at, points)
         assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
         journal = tmp / f".target-{mode}.unionfs-apply"
         # The first rename is the plan's own: killed there, nothing was planned yet.
-        assert (journal / "plan.json").exists() == (kill_at > 1)
-        if kill_at == 1 and mode == "undo":
+        assert (journal / "plan.json").exists() == (kill_at > 1 or points == "build")
+        if points == "build":
+            assert [p for p in target.rglob(".#ufa-*")] or kill_at == 1  # built aside
+        if kill_at == 1 and mode == "undo" and points == "rename":
             assert snapshot(target, xattr_prefixes=XATTRS) == orig  # nothing was done
             shutil.rmtree(journal)
             continue
@@ -880,3 +897,35 @@ def test_rootless_ownership_metadata_gives_the_exported_owner(tmp: Path):
         ti = tf.getmember("f")
     assert (ti.uid, ti.gid) == (1234, 5678)
     assert ti.pax_headers == {"SCHILY.xattr.user.k": "v"}  # the metadata is not exported
+
+
+def test_side_table_gives_the_owner_of_symlinks_and_fifos(tmp: Path):
+    """Objects that cannot carry user xattrs have their owners in the layer's side
+    table: the scan reads it, in the upper and in the lowers (a lower symlink whose
+    table owner matches the upper's is no owner change)."""
+    from unionfs import ownership
+    from unionfs.changes.scan import scan
+
+    lower, upper = tmp / "lower", tmp / "upper"
+    lower.mkdir()
+    upper.mkdir()
+    os.symlink("t", upper / "l")
+    os.mkfifo(upper / "p")
+    os.symlink("t", upper / "same")
+    os.symlink("t", lower / "same")
+    os.utime(upper / "same", ns=(0, os.lstat(lower / "same").st_mtime_ns), follow_symlinks=False)
+    ov = ownership.Override(1234, 5678, 0o644, None)
+    table = ownership.encode_table([(b"l", ov), (b"p", ov), (b"same", ov)])
+    (upper / ownership.SIDE_TABLE.decode()).write_bytes(table)
+    (lower / ownership.SIDE_TABLE.decode()).write_bytes(ownership.encode_table([(b"same", ov)]))
+    by_name = {c.path: c for c in scan(str(upper), [str(lower)])}
+    assert by_name[(b"l",)].owner == (1234, 5678)
+    assert by_name[(b"p",)].owner == (1234, 5678)
+    assert "owner" not in by_name[(b"same",)].aspects
+    assert (ownership.SIDE_TABLE,) not in by_name  # the table itself is no change
+    layer = tmp / "l.tar"
+    r = run_unionfs("export-layer", str(upper), "--lower", str(lower), "-o", str(layer))
+    assert r.returncode == 0, r.stderr
+    with tarfile.open(layer) as tf:
+        owners = {ti.name: (ti.uid, ti.gid) for ti in tf.getmembers()}
+    assert owners["l"] == owners["p"] == (1234, 5678)

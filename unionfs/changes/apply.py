@@ -22,8 +22,12 @@ How it works:
    the journal's ``backup/`` (a hard link first for a file: the replacement
    is one rename, atomic for readers).
 3. **Steps.**  Each object is built aside in its target directory
-   (``.#ufa-PLANID-N``), given owner, mode, xattrs and times, fsync'd, then
-   renamed into place.  Each step is idempotent: whether it happened is read
+   (``.#ufa-PLANID-N``), given owner, mode, xattrs and times, then renamed
+   into place.  A durable run commits in groups: up to ``_GROUP`` files are
+   built, one ``syncfs`` writes them out, then they are renamed (plan order,
+   directories' metadata behind the renames into them): no rename reaches
+   the disk before its data, as with an fsync per file, for two syncfs per
+   group instead.  Each step is idempotent: whether it happened is read
    from the filesystem (the temporary name, the backup, the target), so after
    a SIGKILL at any point a rerun resumes (automatically) and ``--undo``
    restores everything from the backups.  A finished run drops its journal
@@ -39,6 +43,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import errno
+import functools
 import json
 import os
 import secrets
@@ -46,11 +51,11 @@ import shutil
 import stat as stat_mod
 import sys
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from .. import markers
-from ..syscalls import RENAME_NOREPLACE, renameat2
+from ..syscalls import RENAME_NOREPLACE, renameat2, syncfs
 from .scan import Change, Kind, ScanError, Scanner
 from .source import SourceError, resolve
 
@@ -60,6 +65,8 @@ _PLAN = "plan.json"
 _DONE = "done"
 _BACKUP = "backup"
 _VERSION = 1
+#: Files built per group commit (one syncfs each) at most.
+_GROUP = 4096
 
 
 class ApplyError(Exception):
@@ -86,9 +93,13 @@ class Step:
     meta: dict[str, Any] = field(default_factory=dict)  # mode uid gid mtime_ns xattrs
     old: dict[str, Any] = field(default_factory=dict)  # dirmeta: TARGET's, for undo
 
-    @property
+    @functools.cached_property
     def bpath(self) -> Path:
         return tuple(os.fsencode(c) for c in self.path)
+
+    def doc(self) -> dict[str, Any]:
+        """The step as stored in the journal (its fields only, not the caches)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
     def display(self) -> str:
         return "/" + "/".join(self.path)
@@ -173,6 +184,10 @@ def _meta(c: Change) -> dict[str, Any]:
     assert st is not None
     return {
         "mode": stat_mod.S_IMODE(st.st_mode),
+        # The type and device number as scanned: executing needs no stat of the upper
+        # (journals without them stat it, as before).
+        "fmt": stat_mod.S_IFMT(st.st_mode),
+        "rdev": st.st_rdev,
         "uid": c.owner[0],
         "gid": c.owner[1],
         "atime_ns": st.st_atime_ns,
@@ -181,7 +196,7 @@ def _meta(c: Change) -> dict[str, Any]:
     }
 
 
-def _xattrs_of(fd_path: bytes, follow: bool) -> dict[str, str]:
+def _xattrs_of(fd_path: bytes | int, follow: bool) -> dict[str, str]:
     try:
         names = os.listxattr(fd_path, follow_symlinks=follow)
     except OSError:
@@ -353,6 +368,10 @@ class _Run:
         self.warn = warn
         self.backup_fd = os.open(os.path.join(journal, _BACKUP), _DIR)
         self._warned: set[str] = set()
+        #: Group commit (durable runs): files are built without an fsync each and
+        #: renamed into place after one syncfs per group (see ``flush``).
+        self.group = durable
+        self._pending: list[tuple[Step, bool]] = []
 
     @property
     def upper(self) -> Tree:
@@ -414,19 +433,30 @@ class _Run:
 
     # -- do ----------------------------------------------------------------------------
 
-    def do(self, step: Step, fresh: bool = False) -> None:
-        """Carry out one step; ``fresh``: this run made the plan, nothing of it exists yet."""
+    def do(self, step: Step, fresh: bool = False) -> list[int]:
+        """Carry out one step; ``fresh``: this run made the plan, nothing of it exists yet.
+
+        Returns the steps whose effect is now final (for the ``done`` log): this
+        one, or none while the group commit holds it back, or a whole group.
+        """
         path = step.bpath
         if step.op == "dirmeta":
+            if self._pending:
+                # After the renames into it, which would change its times again.
+                self._pending.append((step, fresh))
+                return []
             self._set_meta_path(path, step.meta, is_dir=True)
-            return
+            return [step.n]
+        finished = []
+        if self._pending and not (step.op == "mkdir" or (step.op == "put" and not step.link)):
+            finished = self.flush()  # a hard link needs its first name in place, ...
         if not fresh and self.committed(step):
-            return
+            return [*finished, step.n]
         pfd = self.tree.dirfd(path[:-1])
         name = path[-1]
         if step.op == "remove":
             self._to_backup(step, pfd, name)
-            return
+            return [*finished, step.n]
         tmp = self._tmp(step)
         if not fresh:
             self._discard(pfd, tmp)
@@ -437,6 +467,45 @@ class _Run:
             self._set_meta(pfd, tmp, meta, is_dir=True, times=False)
         else:
             self._build(step, pfd, tmp)
+            if self.group and step.link is None:
+                self._pending.append((step, fresh))
+                if len(self._pending) >= _GROUP:
+                    finished += self.flush()
+                return finished
+        self._place(step, pfd, name, tmp, fresh)
+        return [*finished, step.n]
+
+    def flush(self) -> list[int]:
+        """The group commit: one syncfs makes every file built since the last one
+        durable, then they are renamed into place (and the directories' metadata
+        held back behind them is set), in plan order."""
+        if not self._pending:
+            return []
+        self.sync()
+        pending, self._pending = self._pending, []
+        for step, fresh in pending:
+            path = step.bpath
+            try:
+                if step.op == "dirmeta":
+                    self._set_meta_path(path, step.meta, is_dir=True)
+                else:
+                    self._place(step, self.tree.dirfd(path[:-1]), path[-1], self._tmp(step), fresh)
+            except OSError as e:
+                raise ApplyError(
+                    f"{step.display()}: {step.op}: {e.strerror} (rerun to resume, or --undo)"
+                ) from None
+        return [step.n for step, _ in pending]
+
+    def sync(self) -> None:
+        """Write out TARGET's filesystem (syncfs needs a real descriptor, not O_PATH)."""
+        fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.tree.root_fd)
+        try:
+            syncfs(fd)
+        finally:
+            os.close(fd)
+
+    def _place(self, step: Step, pfd: int, name: bytes, tmp: bytes, fresh: bool) -> None:
+        """Rename a built object into place, the old one kept in the backup."""
         if step.had == "nondir" and step.op == "put":
             # The old file stays reachable from the backup; the swap is one rename.
             if fresh or not self._exists(self.backup_fd, self._bak(step)):
@@ -453,7 +522,7 @@ class _Run:
                 self._to_backup(step, pfd, name)
             renameat2(pfd, tmp, pfd, name, RENAME_NOREPLACE)
         if step.op == "mkdir" or step.had == "dir":
-            self.tree.forget(path)
+            self.tree.forget(step.bpath)
 
     def _to_backup(self, step: Step, pfd: int, name: bytes) -> None:
         if self._exists(self.backup_fd, self._bak(step)):
@@ -475,30 +544,41 @@ class _Run:
             )
             return
         ufd = self.upper.dirfd(path[:-1])
-        st = os.stat(path[-1], dir_fd=ufd, follow_symlinks=False)
-        mode = st.st_mode
-        if stat_mod.S_ISREG(mode):
-            src = os.open(path[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=ufd)
-            try:
-                dst = os.open(
-                    tmp,
-                    os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                    0o600,
-                    dir_fd=pfd,
-                )
-                try:
-                    _copy(src, dst)
-                    if self.durable:
-                        os.fsync(dst)
-                finally:
-                    os.close(dst)
-            finally:
-                os.close(src)
-        elif stat_mod.S_ISLNK(mode):
+        fmt, rdev = step.meta.get("fmt"), step.meta.get("rdev", 0)
+        if fmt is None:
+            st = os.stat(path[-1], dir_fd=ufd, follow_symlinks=False)
+            fmt, rdev = stat_mod.S_IFMT(st.st_mode), st.st_rdev
+        if fmt == stat_mod.S_IFREG:
+            self._build_file(step, ufd, pfd, tmp)
+            return
+        if fmt == stat_mod.S_IFLNK:
             os.symlink(os.readlink(path[-1], dir_fd=ufd), tmp, dir_fd=pfd)
         else:
-            os.mknod(tmp, mode, st.st_rdev, dir_fd=pfd)
-        self._set_meta(pfd, tmp, step.meta, is_dir=False, symlink=stat_mod.S_ISLNK(mode))
+            os.mknod(tmp, fmt | 0o600, rdev, dir_fd=pfd)
+        self._set_meta(pfd, tmp, step.meta, is_dir=False, symlink=fmt == stat_mod.S_IFLNK)
+
+    def _build_file(self, step: Step, ufd: int, pfd: int, tmp: bytes) -> None:
+        """A regular file's copy, its metadata set through its descriptor (no path
+        lookups).  No fsync: a durable run syncs a whole group at once (``flush``)."""
+        src = os.open(
+            step.bpath[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=ufd
+        )
+        try:
+            if not stat_mod.S_ISREG(os.fstat(src).st_mode):
+                raise ApplyError(f"{step.display()}: changed type in the upper since the plan")
+            dst = os.open(
+                tmp,
+                os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o600,
+                dir_fd=pfd,
+            )
+            try:
+                _copy(src, dst)
+                self._set_meta(dst, None, step.meta, is_dir=False)
+            finally:
+                os.close(dst)
+        finally:
+            os.close(src)
 
     def _set_meta_path(self, path: Path, meta: dict[str, Any], is_dir: bool) -> None:
         if not path:
@@ -508,28 +588,38 @@ class _Run:
     def _set_meta(
         self,
         pfd: int,
-        name: bytes,
+        name: bytes | None,
         meta: dict[str, Any],
         is_dir: bool,
         times: bool = True,
         symlink: bool = False,
     ) -> None:
-        """Owner first (it clears set-id bits), then mode, xattrs, times."""
+        """Owner first (it clears set-id bits), then mode, xattrs, times.
+
+        ``name`` None: ``pfd`` is the object itself (an open file: every call
+        goes through the descriptor, no path is resolved).
+        """
+        if name is None:
+            target: int | bytes = pfd
+            at: dict[str, Any] = {}
+        else:
+            target, at = name, {"dir_fd": pfd, "follow_symlinks": False}
         try:
-            os.chown(name, meta["uid"], meta["gid"], dir_fd=pfd, follow_symlinks=False)
+            os.chown(target, meta["uid"], meta["gid"], **at)
         except PermissionError:
             self._warn_once("owner", "owners not set (not permitted): files keep yours")
-        path = b"/proc/self/fd/%d/%s" % (pfd, name)
         if not symlink:
-            os.chmod(name, meta["mode"], dir_fd=pfd)
+            path = pfd if name is None else b"/proc/self/fd/%d/%s" % (pfd, name)
+            fol = name is None  # a descriptor is the object; a final name is not followed
+            os.chmod(target, meta["mode"], **({} if name is None else {"dir_fd": pfd}))
             want = {bytes.fromhex(k): bytes.fromhex(v) for k, v in meta["xattrs"].items()}
-            have = {bytes.fromhex(k) for k in _xattrs_of(path, False)}
+            have = {bytes.fromhex(k) for k in _xattrs_of(path, fol)}
             for x in have - want.keys():
                 with contextlib.suppress(OSError):
-                    os.removexattr(path, x, follow_symlinks=False)
+                    os.removexattr(path, x, follow_symlinks=fol)
             for x, v in want.items():
                 try:
-                    os.setxattr(path, x, v, follow_symlinks=False)
+                    os.setxattr(path, x, v, follow_symlinks=fol)
                 except OSError as e:
                     if e.errno not in (errno.EPERM, errno.EACCES, errno.ENOTSUP, errno.EOPNOTSUPP):
                         raise
@@ -537,9 +627,7 @@ class _Run:
                         f"x{x!r}", f"xattr {x.decode(errors='replace')} not set: {e.strerror}"
                     )
         if times:
-            os.utime(
-                name, ns=(meta["atime_ns"], meta["mtime_ns"]), dir_fd=pfd, follow_symlinks=False
-            )
+            os.utime(target, ns=(meta["atime_ns"], meta["mtime_ns"]), **at)
 
     def _warn_once(self, key: str, msg: str) -> None:
         if key not in self._warned:
@@ -600,9 +688,16 @@ _SMALL_COPY = 1 << 20
 
 def _copy(src: int, dst: int) -> None:
     """Copy a whole file between descriptors, in the kernel when it is big enough to pay."""
-    if os.fstat(src).st_size < _SMALL_COPY:
-        while chunk := os.read(src, _SMALL_COPY):
+    size = os.fstat(src).st_size
+    if size < _SMALL_COPY:
+        # A buffer of the file's size (+1 to see the end in the same call): a 1 MiB
+        # read buffer per small file costs more than the copy itself.
+        want = size + 1
+        while chunk := os.read(src, want):
             os.write(dst, chunk)
+            if len(chunk) < want:
+                return
+            want = _SMALL_COPY
         return
     while True:
         try:
@@ -696,19 +791,33 @@ def _execute(
     fresh = done is None
     done = done or set()
     log = os.open(os.path.join(journal, _DONE), os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    finished: list[int] = []
+
+    def record(numbers: list[int]) -> None:
+        # Written in batches: the log only spares a resume the checks of what is
+        # in it; a step done but not logged yet is found done by those checks
+        # (every step is idempotent), as after a kill right before its write.
+        finished.extend(numbers)
+        if len(finished) >= 512:
+            os.write(log, b"".join(b"%d\n" % n for n in finished))
+            finished.clear()
+
     try:
         for step in steps:
             if step.n in done:
                 continue
             try:
-                run.do(step, fresh=fresh)
+                record(run.do(step, fresh=fresh))
             except OSError as e:
                 raise ApplyError(
                     f"{step.display()}: {step.op}: {e.strerror} (rerun to resume, or --undo)"
                 ) from None
-            os.write(log, b"%d\n" % step.n)
             if progress is not None:
                 progress(step.n + 1, len(steps))
+        record(run.flush())
+        if durable:
+            run.sync()  # the last group's renames and directory metadata
+        os.write(log, b"".join(b"%d\n" % n for n in finished))
         os.fsync(log)
     finally:
         os.close(log)
@@ -722,6 +831,7 @@ def apply(
     *,
     select: Select | None = None,
     conflict_check: ConflictCheck | None = None,
+    changes: list[Change] | None = None,
     journal_dir: str | None = None,
     dry_run: bool = False,
     durable: bool = True,
@@ -734,6 +844,8 @@ def apply(
     A journal left by an interrupted run for the same upper and TARGET is
     resumed first (its plan, not a new one).  Raises ApplyError (nothing
     changed when raised during planning) and ScanError for a corrupt upper.
+    ``changes``: the upper's scan, when the caller has made it already (the
+    sandbox's commit reviews them first): not scanned twice.
     """
     warn = warn or (lambda _m: None)
     journal = journal_dir or default_journal(target)
@@ -758,10 +870,11 @@ def apply(
         if not keep_journal:
             shutil.rmtree(journal)
         return [Action(s.display(), s.op, s.kind) for s in steps]
-    with Scanner(upper, list(lowers)) as scanner:
-        changes = list(scanner.changes())
-        for w in scanner.warnings:
-            warn(w)
+    if changes is None:
+        with Scanner(upper, list(lowers)) as scanner:
+            changes = list(scanner.changes())
+            for w in scanner.warnings:
+                warn(w)
     tree = Tree(target)
     try:
         steps, actions = plan(changes, tree, select, conflict_check)
@@ -775,7 +888,7 @@ def apply(
             "upper": upper,
             "target": target,
             "plan_id": secrets.token_hex(4),
-            "steps": [dict(vars(s)) for s in steps],
+            "steps": [s.doc() for s in steps],
         }
         _write_atomic(journal, _PLAN, json.dumps(doc).encode())
         _execute(doc, steps, None, journal, tree, durable, warn, progress)

@@ -110,13 +110,25 @@ def owner_of(st: os.stat_result, xattrs: dict[bytes, bytes]) -> tuple[int, int]:
 
     A rootless mount or unpack cannot chown, so it keeps the intended owner in
     an xattr (``user.containers.override_stat``, ``user.rootlesscontainers``,
-    ...: ``unionfs.ownership``); ``xattrs`` are the object's xattrs with
-    those included; the override's mode and type apply through ``shown``.
-    Not read yet: the side table for objects that cannot carry user xattrs
-    (symlinks, fifos).
+    ...: ``unionfs.ownership``) or, for objects that cannot carry user xattrs
+    (symlinks, fifos), in the layer's side table; ``xattrs`` are the object's
+    xattrs with those included; the override's mode and type apply through
+    ``shown``.  (The scanner itself goes through ``override_of``, which also
+    reads the side table.)
     """
     ov = ownership.from_xattrs(xattrs)
     return (st.st_uid, st.st_gid) if ov is None else (ov.uid, ov.gid)
+
+
+def override_of(
+    table: dict[bytes, ownership.Override], path: Path, xattrs: dict[bytes, bytes]
+) -> ownership.Override | None:
+    """The ownership metadata of the object at ``path``: its layer's side table
+    first (as the image writer and the mount read it), then its xattrs."""
+    ov = table.get(b"/".join(path)) if table else None
+    if ov is None and xattrs:
+        ov = ownership.from_xattrs(xattrs)
+    return ov
 
 
 #: Xattrs that carry ownership metadata rather than user data (see owner_of):
@@ -151,7 +163,11 @@ class ShownStat:
 
 def shown(st: os.stat_result, xattrs: dict[bytes, bytes]) -> os.stat_result:
     """``st`` as the mount shows it, given the object's xattrs (ownership ones included)."""
-    ov = ownership.from_xattrs(xattrs)
+    return shown_with(st, ownership.from_xattrs(xattrs))
+
+
+def shown_with(st: os.stat_result, ov: ownership.Override | None) -> os.stat_result:
+    """``st`` with the override ``ov`` (None: as it is)."""
     return st if ov is None else ShownStat(st, ov)  # type: ignore[return-value]
 
 
@@ -231,6 +247,10 @@ class Scanner:
         self.stack = LayerStack(list(lowers), None)
         self.warnings: list[str] = []
         self._links: dict[tuple[int, int], Path] = {}
+        #: The upper's ownership side table (read when ``changes()`` opens it).
+        self._table: dict[bytes, ownership.Override] = {}
+        #: The lowers' side tables, read on first use: layer index -> records.
+        self._lower_tables: dict[int, dict[bytes, ownership.Override]] = {}
 
     def close(self) -> None:
         self.stack.close()
@@ -256,6 +276,16 @@ class Scanner:
         return sorted(
             n for n, _, _ in self.stack.merged_names(path, entry.dir_layers, entry.xwh_layers)
         )
+
+    def _lower_table(self, layer: int) -> dict[bytes, ownership.Override]:
+        table = self._lower_tables.get(layer)
+        if table is None:
+            try:
+                table = ownership.read_table(self.stack.layers[layer].fd) or {}
+            except OSError:
+                table = {}
+            self._lower_tables[layer] = table
+        return table
 
     def _lower_xattrs(self, entry: Entry, path: Path) -> dict[bytes, bytes]:
         dir_fd = self.stack.dirfd(entry.layer, path[:-1])
@@ -301,7 +331,8 @@ class Scanner:
     ) -> frozenset[str]:
         path = (*parent.path, name)
         lxattrs = self._lower_xattrs(entry, path)
-        lst = shown(entry.st, lxattrs)
+        lov = override_of(self._lower_table(entry.layer), path, lxattrs)
+        lst = shown_with(entry.st, lov)
         if stat_mod.S_IFMT(st.st_mode) != stat_mod.S_IFMT(lst.st_mode):
             return frozenset({"type"})
         out = set()
@@ -321,7 +352,7 @@ class Scanner:
             stat_mod.S_IMODE(st.st_mode) != stat_mod.S_IMODE(lst.st_mode)
         ):
             out.add("mode")
-        if owner != owner_of(lst, lxattrs):
+        if owner != (lst.st_uid, lst.st_gid):
             out.add("owner")
         lxattrs = user_xattrs(lxattrs)
         if st.st_mtime_ns != lst.st_mtime_ns:
@@ -359,6 +390,11 @@ class Scanner:
             root_fd = os.open(self.upper, _DIR_FLAGS)
         except OSError as e:
             raise ScanError(f"{self.upper}: {e.strerror}") from None
+        try:
+            self._table = ownership.read_table(root_fd) or {}
+        except OSError as e:
+            os.close(root_fd)
+            raise ScanError(f"{self.upper}: the ownership side table: {e.strerror}") from None
         root = _Dir((), root_fd, self.stack.root_entry(), False)
         stack: list[tuple[_Dir, Iterator[Change]]] = [(root, self._dir_changes(root))]
         try:
@@ -431,27 +467,40 @@ class Scanner:
         for name in sorted(objects):
             yield from self._entry(d, name, objects[name])
 
-    def _entry(self, d: _Dir, name: bytes, st: os.stat_result) -> Iterator:
+    def _entry(self, d: _Dir, name: bytes, st: os.stat_result) -> list:
+        """The change at one upper entry, then what follows it in the stream (the
+        deletions under a directory it replaced, or itself as a _Dir to walk).
+
+        A list, not a generator: this runs once per upper entry.
+        """
         path = (*d.path, name)
         entry = self._lower_lookup(d, name)
         is_dir = stat_mod.S_ISDIR(st.st_mode)
-        xattrs = read_xattrs(d.fd, name, list_xattrs(d.fd, name))
-        st = shown(st, xattrs)
-        owner = owner_of(st, xattrs)
-        xattrs = user_xattrs(xattrs)
+        xnames = list_xattrs(d.fd, name)
+        # Most objects have no xattrs: then only the side table can say more.
+        xattrs = read_xattrs(d.fd, name, xnames) if xnames else {}
+        ov = override_of(self._table, path, xattrs)
+        if ov is not None:
+            st = ShownStat(st, ov)  # type: ignore[assignment]
+        owner = (st.st_uid, st.st_gid)
+        if xattrs:
+            xattrs = user_xattrs(xattrs)
         change = Change(path, Kind.ADDED, st=st, xattrs=xattrs, owner=owner)
         if entry is not None:
             change.lower = entry.st
             change.aspects = self._aspects(d, name, st, xattrs, owner, entry)
             change.kind = Kind.CHANGED if change.aspects else Kind.SAME
         if not is_dir:
-            self._note_link(change, d.fd, name)
-            yield change
-            if entry is not None and entry.is_dir:
-                # A directory replaced by a non-directory: its contents are gone too.
-                for child in self._lower_names(entry, path):
-                    sub = self.stack.lookup(path, entry.dir_layers, entry.xwh_layers, child)
-                    yield Change(
+            if st.st_nlink > 1:
+                self._note_link(change, d.fd, name)
+            if entry is None or not entry.is_dir:
+                return [change]
+            # A directory replaced by a non-directory: its contents are gone too.
+            out: list = [change]
+            for child in self._lower_names(entry, path):
+                sub = self.stack.lookup(path, entry.dir_layers, entry.xwh_layers, child)
+                out.append(
+                    Change(
                         (*path, child),
                         Kind.DELETED,
                         lower=sub.st if sub else None,
@@ -459,7 +508,8 @@ class Scanner:
                         in_opaque=True,
                         under_nondir=True,
                     )
-            return
+                )
+            return out
         try:
             fd = os.open(name, _DIR_FLAGS, dir_fd=d.fd)
         except OSError as e:
@@ -476,8 +526,7 @@ class Scanner:
             change.opaque = bool(self._lower_names(lower_dir, path))
             if change.opaque and change.kind is Kind.SAME:
                 change.kind = Kind.CHANGED
-        yield change
-        yield _Dir(path, fd, lower_dir, cut)
+        return [change, _Dir(path, fd, lower_dir, cut)]
 
     def _note_link(self, change: Change, dir_fd: int, name: bytes) -> None:
         """Hard links: later names of one upper inode point at the first."""

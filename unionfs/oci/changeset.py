@@ -44,6 +44,8 @@ MEDIA_TYPES = {
     "zstd": "application/vnd.oci.image.layer.v1.tar+zstd",
 }
 _COPY_BUF = 1 << 20
+#: Files below this size are read in one call and written with their header.
+_SMALL = 1 << 16
 
 
 class ChangesetError(Exception):
@@ -82,11 +84,12 @@ class _Hashing(io.RawIOBase):
         return True
 
     def write(self, b: Any) -> int:
-        data = bytes(b)
-        self.sha.update(data)
-        self.size += len(data)
-        self.out.write(data)
-        return len(data)
+        # Hashed and written at once, nothing keeps it: no copy needed.
+        self.sha.update(b)
+        self.out.write(b)
+        n = b.nbytes if isinstance(b, memoryview) else len(b)
+        self.size += n
+        return n
 
 
 def source_date_epoch() -> int | None:
@@ -104,59 +107,81 @@ _RECORD = 20 * _BLOCK
 _NUL_BLOCK = bytes(_BLOCK)
 
 
-def _octal(n: int, digits: int) -> bytes | None:
-    """A ustar number field (``digits`` bytes, NUL-terminated octal), None when too big."""
-    if not 0 <= n < 8 ** (digits - 1):
-        return None
-    return b"%0*o\0" % (digits - 1, n)
+#: The checksum's share of the constant parts of a ustar header: the checksum
+#: field itself counted as spaces, and the magic and version.
+_CONST_SUM = sum(b" " * 8) + sum(tarfile.POSIX_MAGIC)
+_NO_DEV = bytes(16)
+_TAIL = bytes(64)  # uname, gname: empty
+_PAD = bytes(155 + 12)  # prefix, and the rest of the block
+_LIMIT_7 = 8**7
+_LIMIT_11 = 8**11
 
 
-def ustar_header(ti: tarfile.TarInfo) -> bytes | None:
+def ustar_entry(
+    name: bytes,
+    kind: bytes,
+    mode: int,
+    uid: int,
+    gid: int,
+    size: int,
+    mtime: int,
+    linkname: bytes = b"",
+    dev: tuple[int, int] = (0, 0),
+) -> bytes | None:
     """The header of a plain entry, or None when it needs PAX records.
 
     The common entry (ASCII name and link target of at most 100 bytes, small
-    numbers, no xattrs) is encoded here, byte for byte as Python's tarfile
-    writes it in PAX format, at a fraction of tarfile's per-entry cost; any
-    other goes through ``TarInfo.tobuf``.
+    numbers; a directory's name ending in ``/``) is encoded here, byte for byte
+    as Python's tarfile writes it in PAX format (tests/test_layertools.py
+    compares them), at a fraction of tarfile's per-entry cost: an export of
+    10,000 small files spent most of its time in tarfile's header encoding.
     """
-    if ti.pax_headers:
+    if (
+        len(name) > 100
+        or len(linkname) > 100
+        or not (name.isascii() and linkname.isascii())
+        or not (0 <= uid < _LIMIT_7 and 0 <= gid < _LIMIT_7)
+        or not (0 <= size < _LIMIT_11 and 0 <= mtime < _LIMIT_11)
+    ):
+        return None
+    head = name.ljust(100, b"\0") + b"%07o\0%07o\0%07o\0%011o\0%011o\0" % (
+        mode & 0o7777,
+        uid,
+        gid,
+        size,
+        mtime,
+    )
+    if kind in (tarfile.CHRTYPE, tarfile.BLKTYPE):
+        if not (0 <= dev[0] < _LIMIT_7 and 0 <= dev[1] < _LIMIT_7):
+            return None
+        devs = b"%07o\0%07o\0" % dev
+    else:
+        devs = _NO_DEV
+    link = linkname.ljust(100, b"\0")
+    # Only the non-constant parts are summed (the rest is precomputed): a whole
+    # block's sum() costs more than the rest of the encoding.
+    chksum = _CONST_SUM + sum(head) + kind[0] + sum(linkname) + sum(devs)
+    return b"".join((head, b"%06o\0 " % chksum, kind, link, tarfile.POSIX_MAGIC, _TAIL, devs, _PAD))
+
+
+def ustar_header(ti: tarfile.TarInfo) -> bytes | None:
+    """``ustar_entry`` of a TarInfo (None when it needs PAX records)."""
+    if ti.pax_headers or not isinstance(ti.mtime, int):
         return None
     name = ti.name + "/" if ti.type == tarfile.DIRTYPE and not ti.name.endswith("/") else ti.name
     if not (name.isascii() and ti.linkname.isascii()):
         return None
-    bname, blink = name.encode(), ti.linkname.encode()
-    if len(bname) > 100 or len(blink) > 100:
-        return None
-    fields = [
-        _octal(ti.mode & 0o7777, 8),
-        _octal(ti.uid, 8),
-        _octal(ti.gid, 8),
-        _octal(ti.size, 12),
-        _octal(ti.mtime, 12),
-    ]
-    if any(f is None for f in fields) or not isinstance(ti.mtime, int):
-        return None
-    if ti.type in (tarfile.CHRTYPE, tarfile.BLKTYPE):
-        major, minor = _octal(ti.devmajor, 8), _octal(ti.devminor, 8)
-        if major is None or minor is None:
-            return None
-        dev = major + minor
-    else:
-        dev = bytes(16)
-    buf = bytearray(
-        bname.ljust(100, b"\0")
-        + b"".join(fields)  # type: ignore[arg-type]
-        + b"        "
-        + ti.type
-        + blink.ljust(100, b"\0")
-        + tarfile.POSIX_MAGIC
-        + bytes(64)  # uname, gname: empty
-        + dev
-        + bytes(155)
-    ).ljust(_BLOCK, b"\0")
-    chksum = sum(buf)
-    buf[148:156] = b"%06o\0 " % chksum
-    return bytes(buf)
+    return ustar_entry(
+        name.encode(),
+        ti.type,
+        ti.mode,
+        ti.uid,
+        ti.gid,
+        ti.size,
+        ti.mtime,
+        ti.linkname.encode(),
+        (ti.devmajor, ti.devminor),
+    )
 
 
 class TarStream:
@@ -164,7 +189,9 @@ class TarStream:
 
     Python's ``tarfile`` in stream mode keeps a TarInfo per member and spends
     most of an export's time encoding headers; this writes the same bytes
-    (see ``ustar_header``) and keeps nothing per entry.
+    (see ``ustar_entry``) and keeps nothing per entry.  This is the one
+    writer of the OCI tar format: the changeset writer and the image writer
+    (write.py) both go through it.
     """
 
     def __init__(self, out: IO[bytes]) -> None:
@@ -184,8 +211,8 @@ class TarStream:
 
     def flush(self) -> None:
         if self.buf:
-            self.out.write(bytes(self.buf))
-            self.buf.clear()
+            self.out.write(self.buf)
+            self.buf = bytearray()
 
     def add(self, ti: tarfile.TarInfo, fd: int | None = None) -> None:
         """One entry; a regular file's ``ti.size`` bytes are read from ``fd``."""
@@ -193,17 +220,76 @@ class TarStream:
         if header is None:
             header = ti.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
         self._write(header)
-        if fd is None or ti.size == 0:
-            return
-        left = ti.size
+        if fd is not None and ti.size:
+            self._data(fd, ti.size)
+
+    def add_entry(
+        self,
+        name: bytes,
+        kind: bytes,
+        mode: int,
+        owner: tuple[int, int],
+        mtime: int,
+        *,
+        size: int = 0,
+        linkname: bytes = b"",
+        dev: tuple[int, int] = (0, 0),
+        pax: dict[str, str] | None = None,
+        fd: int | None = None,
+    ) -> None:
+        """One entry from its fields (names as bytes; a directory's without its
+        ``/``); ``size`` bytes of a regular file are read from ``fd``."""
+        if kind == tarfile.DIRTYPE:
+            name += b"/"
+        header = (
+            None
+            if pax
+            else ustar_entry(name, kind, mode, owner[0], owner[1], size, mtime, linkname, dev)
+        )
+        if header is None:
+            ti = tarfile.TarInfo(os.fsdecode(name))
+            ti.type, ti.mode, ti.mtime, ti.size = kind, mode, mtime, size
+            ti.uid, ti.gid = owner
+            ti.uname = ti.gname = ""
+            ti.linkname = os.fsdecode(linkname)
+            ti.devmajor, ti.devminor = dev
+            ti.pax_headers = pax or {}
+            header = ti.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape")
+        if fd is None or not size:
+            self._write(header)
+        elif size < _SMALL:
+            # One read and one append for a small file (most of them).
+            data = os.read(fd, size)
+            if len(data) < size:
+                data += self._rest(fd, size - len(data))
+            pad = -size % _BLOCK
+            self._write(header + data + _NUL_BLOCK[:pad] if pad else header + data)
+        else:
+            self._write(header)
+            self._data(fd, size)
+
+    @staticmethod
+    def _rest(fd: int, left: int) -> bytes:
+        """The rest of a short read (a file read while it is written: EIO if it shrank)."""
+        parts = []
+        while left:
+            chunk = os.read(fd, left)
+            if not chunk:
+                raise OSError(errno.EIO, "file shrank while being exported")
+            parts.append(chunk)
+            left -= len(chunk)
+        return b"".join(parts)
+
+    def _data(self, fd: int, size: int) -> None:
+        left = size
         while left:
             chunk = os.read(fd, min(left, _COPY_BUF))
             if not chunk:
                 raise OSError(errno.EIO, "file shrank while being exported")
             self._write(chunk)
             left -= len(chunk)
-        if ti.size % _BLOCK:
-            self._write(bytes(_BLOCK - ti.size % _BLOCK))
+        if size % _BLOCK:
+            self._write(bytes(_BLOCK - size % _BLOCK))
 
     def close(self) -> None:
         """The end-of-archive blocks, padded to a whole record as tar(1) and tarfile do."""
@@ -213,20 +299,15 @@ class TarStream:
         self.flush()
 
 
-def _name(path: tuple[bytes, ...]) -> str:
-    return os.fsdecode(b"/".join(path))
-
-
 def _text(raw: bytes) -> str:
     return raw.decode("utf-8", "surrogateescape")
 
 
-def _marker(path: tuple[bytes, ...]) -> tarfile.TarInfo:
-    """A whiteout or opaque marker entry: an empty file, mode 0, 0:0, time 0."""
-    ti = tarfile.TarInfo(_name(path))
-    ti.mode, ti.uid, ti.gid, ti.mtime = 0, 0, 0, 0
-    ti.uname = ti.gname = ""
-    return ti
+def clamp_time(st: os.stat_result, epoch: int | None) -> int:
+    """An entry's mtime in whole seconds: clamped to ``SOURCE_DATE_EPOCH`` when
+    given, never before 1970 (the changeset writer's and the image writer's rule)."""
+    t = st.st_mtime_ns // 1_000_000_000
+    return min(t, epoch) if epoch is not None else max(t, 0)
 
 
 class ChangesetWriter:
@@ -250,23 +331,15 @@ class ChangesetWriter:
     def close(self) -> None:
         self.stack.close()
 
-    def _time(self, st: os.stat_result) -> int:
-        t = st.st_mtime_ns // 1_000_000_000
-        return min(t, self.epoch) if self.epoch is not None else max(t, 0)
-
-    def _add(self, ti: tarfile.TarInfo, fd: int | None = None) -> None:
-        self.tar.add(ti, fd)
+    def _marker(self, path: tuple[bytes, ...]) -> None:
+        """A whiteout or opaque marker entry: an empty file, mode 0, 0:0, time 0."""
+        self.tar.add_entry(b"/".join(path), tarfile.REGTYPE, 0, (0, 0), 0)
         self.entries += 1
 
-    def _header(self, c: Change) -> tarfile.TarInfo:
-        """The entry's header: mode, owner (ownership metadata applied), time, xattrs."""
-        st = c.st
-        assert st is not None
-        ti = tarfile.TarInfo(_name(c.path))
-        ti.mode = stat_mod.S_IMODE(st.st_mode)
-        ti.uid, ti.gid = c.owner
-        ti.uname = ti.gname = ""
-        ti.mtime = self._time(st)
+    def _pax(self, c: Change) -> dict[str, str] | None:
+        """The PAX records of the entry's xattrs (None without any)."""
+        if not c.xattrs:
+            return None
         pax: dict[str, str] = {}
         for key, value in sorted(c.xattrs.items()):
             if markers.is_private_xattr(key):
@@ -275,47 +348,49 @@ class ChangesetWriter:
                 self.warn(f"{c.display()}: xattr {_text(key)} with an empty value not exported")
                 continue  # a PAX record with an empty value deletes the key
             pax["SCHILY.xattr." + _text(key)] = _text(value)
-        ti.pax_headers = pax
-        return ti
+        return pax
 
     def write(self, c: Change) -> None:
         """Write one change (its markers included) to the tar."""
         if c.kind is Kind.DELETED:
             if c.under_nondir or (c.in_opaque and not self.explicit):
                 return  # hidden by the non-directory, or the opaque marker, above it
-            self._add(_marker((*c.path[:-1], markers.oci_whiteout_name(c.path[-1]))))
+            self._marker((*c.path[:-1], markers.oci_whiteout_name(c.path[-1])))
             return
         st = c.st
         assert st is not None
-        ti = self._header(c)
         mode = st.st_mode
+        name = b"/".join(c.path)
+        perm, owner, mtime = stat_mod.S_IMODE(mode), c.owner, clamp_time(st, self.epoch)
+        pax = self._pax(c)
+        add = self.tar.add_entry
         if c.link is not None:
-            ti.type, ti.linkname, ti.size = tarfile.LNKTYPE, _name(c.link), 0
-            self._add(ti)
+            add(name, tarfile.LNKTYPE, perm, owner, mtime, linkname=b"/".join(c.link), pax=pax)
         elif stat_mod.S_ISDIR(mode):
-            ti.type = tarfile.DIRTYPE
-            self._add(ti)
+            add(name, tarfile.DIRTYPE, perm, owner, mtime, pax=pax)
             if c.opaque and not self.explicit:
-                self._add(_marker((*c.path, markers.OPAQUE_NAME)))
+                self.entries += 1
+                self._marker((*c.path, markers.OPAQUE_NAME))
+                return
         elif stat_mod.S_ISREG(mode):
-            self._file(c, ti)
+            self._file(c, name, perm, mtime, pax)
         elif stat_mod.S_ISLNK(mode):
-            ti.type = tarfile.SYMTYPE
-            ti.linkname = os.fsdecode(
-                os.readlink(c.path[-1], dir_fd=self.stack.dirfd(0, c.path[:-1]))
-            )
-            self._add(ti)
+            target = os.readlink(c.path[-1], dir_fd=self.stack.dirfd(0, c.path[:-1]))
+            add(name, tarfile.SYMTYPE, perm, owner, mtime, linkname=target, pax=pax)
         elif stat_mod.S_ISCHR(mode) or stat_mod.S_ISBLK(mode):
-            ti.type = tarfile.CHRTYPE if stat_mod.S_ISCHR(mode) else tarfile.BLKTYPE
-            ti.devmajor, ti.devminor = os.major(st.st_rdev), os.minor(st.st_rdev)
-            self._add(ti)
+            kind = tarfile.CHRTYPE if stat_mod.S_ISCHR(mode) else tarfile.BLKTYPE
+            dev = (os.major(st.st_rdev), os.minor(st.st_rdev))
+            add(name, kind, perm, owner, mtime, dev=dev, pax=pax)
         elif stat_mod.S_ISFIFO(mode):
-            ti.type = tarfile.FIFOTYPE
-            self._add(ti)
+            add(name, tarfile.FIFOTYPE, perm, owner, mtime, pax=pax)
         else:
             self.warn(f"{c.display()}: a socket cannot be stored in a tar layer: left out")
+            return
+        self.entries += 1
 
-    def _file(self, c: Change, ti: tarfile.TarInfo) -> None:
+    def _file(
+        self, c: Change, name: bytes, perm: int, mtime: int, pax: dict[str, str] | None
+    ) -> None:
         try:
             fd = os.open(
                 c.path[-1],
@@ -328,9 +403,10 @@ class ChangesetWriter:
             st = os.fstat(fd)
             if not stat_mod.S_ISREG(st.st_mode):
                 raise ChangesetError(f"{c.display()}: changed type while being exported")
-            ti.size = st.st_size
             try:
-                self._add(ti, fd)
+                self.tar.add_entry(
+                    name, tarfile.REGTYPE, perm, c.owner, mtime, size=st.st_size, pax=pax, fd=fd
+                )
             except OSError as e:
                 raise ChangesetError(f"{c.display()}: {e.strerror or e}") from None
         finally:
@@ -352,6 +428,37 @@ def _compressor(kind: str, out: IO[bytes]) -> tuple[IO[bytes], Callable[[], None
     raise ChangesetError(f"unknown compression {kind!r} (none, gzip, zstd)")
 
 
+class LayerSink:
+    """Where a layer's tar goes: compressed into ``out``, both streams hashed.
+
+    ``tar`` is the TarStream to write entries to; ``finish()`` ends the
+    compression and gives (digest, diff_id, size).  An uncompressed layer is
+    hashed once (its digest is its diff_id).  The changeset writer and the
+    image writer (write.py) both write through one.
+    """
+
+    def __init__(self, out: IO[bytes], compression: str) -> None:
+        if compression not in MEDIA_TYPES:
+            raise ChangesetError(f"unknown compression {compression!r} (none, gzip, zstd)")
+        self.compression = compression
+        self.outer = _Hashing(out)
+        if compression == "none":
+            self.inner, self._finish = self.outer, lambda: None
+        else:
+            comp, self._finish = _compressor(compression, self.outer)  # type: ignore[arg-type]
+            self.inner = _Hashing(comp)
+        self.tar = TarStream(self.inner)  # type: ignore[arg-type]
+
+    def finish(self) -> tuple[str, str, int]:
+        self.tar.close()
+        self._finish()
+        return (
+            "sha256:" + self.outer.sha.hexdigest(),
+            "sha256:" + self.inner.sha.hexdigest(),
+            self.outer.size,
+        )
+
+
 def write_layer(
     changes: Iterable[Change],
     upper: str,
@@ -366,24 +473,12 @@ def write_layer(
     ``out`` receives the (compressed) layer; nothing is buffered beyond the
     tar's and compressor's blocks.  Returns digest, diff_id and size.
     """
-    if compression not in MEDIA_TYPES:
-        raise ChangesetError(f"unknown compression {compression!r} (none, gzip, zstd)")
-    outer = _Hashing(out)
-    comp, finish = _compressor(compression, outer)  # type: ignore[arg-type]
-    inner = _Hashing(comp)
-    tar = TarStream(inner)  # type: ignore[arg-type]
-    writer = ChangesetWriter(upper, tar, epoch, explicit, warn)
+    sink = LayerSink(out, compression)
+    writer = ChangesetWriter(upper, sink.tar, epoch, explicit, warn)
     try:
         for c in changes:
             writer.write(c)
     finally:
         writer.close()
-    tar.close()
-    finish()
-    return LayerInfo(
-        "sha256:" + outer.sha.hexdigest(),
-        "sha256:" + inner.sha.hexdigest(),
-        outer.size,
-        MEDIA_TYPES[compression],
-        writer.entries,
-    )
+    digest, diff_id, size = sink.finish()
+    return LayerInfo(digest, diff_id, size, MEDIA_TYPES[compression], writer.entries)

@@ -38,7 +38,13 @@ from dataclasses import dataclass
 from typing import IO, Any
 
 from .. import markers, ownership
-from .changeset import MEDIA_TYPES, TarStream, _compressor, _Hashing, source_date_epoch
+from .changeset import (
+    MEDIA_TYPES,
+    LayerSink,
+    TarStream,
+    clamp_time,
+    source_date_epoch,
+)
 from .layout import ImageError, parse_digest
 
 FORMATS = ("oci", "oci-archive", "docker-archive")
@@ -126,16 +132,8 @@ class LayerTar:
         self.root_fd = root_fd
         self.epoch = epoch
         self.table = ownership.read_table(root_fd) or {}
-        self.links: dict[tuple[int, int], str] = {}
+        self.links: dict[tuple[int, int], bytes] = {}
         self.entries = 0
-
-    def _time(self, st: os.stat_result) -> int:
-        t = st.st_mtime_ns // 1_000_000_000
-        return min(t, self.epoch) if self.epoch is not None else max(t, 0)
-
-    def _add(self, ti: tarfile.TarInfo, fd: int | None = None) -> None:
-        self.tar.add(ti, fd)
-        self.entries += 1
 
     def write_dir(self, dir_fd: int, path: Path) -> None:
         for name in sorted((os.fsencode(n) for n in os.listdir(dir_fd)), key=_sort_key):
@@ -145,80 +143,67 @@ class LayerTar:
 
     def write_entry(self, dir_fd: int, path: Path, name: bytes) -> None:
         rel = (*path, name)
-        arcname = os.fsdecode(b"/".join(rel))
+        arcname = b"/".join(rel)
+        add = self.tar.add_entry
         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         if name.startswith(markers.WHITEOUT_PREFIX):
-            ti = tarfile.TarInfo(arcname)
-            ti.mode = ti.uid = ti.gid = ti.mtime = 0
-            ti.uname = ti.gname = ""
-            self._add(ti)
+            add(arcname, tarfile.REGTYPE, 0, (0, 0), 0)
+            self.entries += 1
             return
         values = _xattrs(dir_fd, name)
-        ov = self.table.get(b"/".join(rel)) or ownership.from_xattrs(values)
+        ov = self.table.get(arcname) or ownership.from_xattrs(values)
         mode, uid, gid, rdev = ownership.shown_stat(st, ov)
-        ti = tarfile.TarInfo(arcname)
-        ti.mode = stat_mod.S_IMODE(mode)
-        ti.uid, ti.gid = uid, gid
-        ti.uname = ti.gname = ""
-        ti.mtime = self._time(st)
-        ti.pax_headers = exported_xattrs(values)
+        perm, owner, mtime = stat_mod.S_IMODE(mode), (uid, gid), clamp_time(st, self.epoch)
+        pax = exported_xattrs(values)
         if stat_mod.S_ISDIR(mode) and stat_mod.S_ISDIR(st.st_mode):
-            ti.type = tarfile.DIRTYPE
-            self._add(ti)
+            add(arcname, tarfile.DIRTYPE, perm, owner, mtime, pax=pax)
+            self.entries += 1
             sub = os.open(name, _DIR, dir_fd=dir_fd)
             try:
                 self.write_dir(sub, rel)
             finally:
                 os.close(sub)
-        elif stat_mod.S_ISREG(st.st_mode) and stat_mod.S_ISREG(mode):
+            return
+        if stat_mod.S_ISREG(st.st_mode) and stat_mod.S_ISREG(mode):
             key = (st.st_dev, st.st_ino)
-            if st.st_nlink > 1 and key in self.links:
-                ti.type, ti.linkname = tarfile.LNKTYPE, self.links[key]
-                self._add(ti)
-                return
-            if st.st_nlink > 1:
-                self.links[key] = arcname
-            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
-            try:
-                ti.size = os.fstat(fd).st_size
-                self._add(ti, fd)
-            finally:
-                os.close(fd)
+            first = self.links.get(key) if st.st_nlink > 1 else None
+            if first is not None:
+                add(arcname, tarfile.LNKTYPE, perm, owner, mtime, linkname=first, pax=pax)
+            else:
+                if st.st_nlink > 1:
+                    self.links[key] = arcname
+                fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=dir_fd)
+                try:
+                    size = os.fstat(fd).st_size
+                    add(arcname, tarfile.REGTYPE, perm, owner, mtime, size=size, pax=pax, fd=fd)
+                finally:
+                    os.close(fd)
         elif stat_mod.S_ISLNK(st.st_mode):
-            ti.type = tarfile.SYMTYPE
-            ti.linkname = os.fsdecode(os.readlink(name, dir_fd=dir_fd))
-            self._add(ti)
+            target = os.readlink(name, dir_fd=dir_fd)
+            add(arcname, tarfile.SYMTYPE, perm, owner, mtime, linkname=target, pax=pax)
         elif stat_mod.S_ISCHR(mode) or stat_mod.S_ISBLK(mode):
-            ti.type = tarfile.CHRTYPE if stat_mod.S_ISCHR(mode) else tarfile.BLKTYPE
-            ti.devmajor, ti.devminor = os.major(rdev), os.minor(rdev)
-            self._add(ti)
+            kind = tarfile.CHRTYPE if stat_mod.S_ISCHR(mode) else tarfile.BLKTYPE
+            dev = (os.major(rdev), os.minor(rdev))
+            add(arcname, kind, perm, owner, mtime, dev=dev, pax=pax)
         elif stat_mod.S_ISFIFO(mode):
-            ti.type = tarfile.FIFOTYPE
-            self._add(ti)
-        # sockets (and anything else) have no tar form: an extractor never makes them
+            add(arcname, tarfile.FIFOTYPE, perm, owner, mtime, pax=pax)
+        else:
+            return  # sockets (and anything else) have no tar form: an extractor never makes them
+        self.entries += 1
 
 
 def write_layer_dir(
     layer_dir: str, out: IO[bytes], compression: str, epoch: int | None = None
 ) -> WrittenLayer:
     """Tar the stored layer ``layer_dir`` to ``out``, compressed as asked."""
-    outer = _Hashing(out)
-    comp, finish = _compressor(compression, outer)  # type: ignore[arg-type]
-    inner = _Hashing(comp)
-    tar = TarStream(inner)  # type: ignore[arg-type]
+    sink = LayerSink(out, compression)
     root_fd = os.open(layer_dir, _DIR)
     try:
-        LayerTar(tar, root_fd, epoch).write_dir(root_fd, ())
+        LayerTar(sink.tar, root_fd, epoch).write_dir(root_fd, ())
     finally:
         os.close(root_fd)
-    tar.close()
-    finish()
-    return WrittenLayer(
-        "sha256:" + outer.sha.hexdigest(),
-        "sha256:" + inner.sha.hexdigest(),
-        outer.size,
-        MEDIA_TYPES[compression],
-    )
+    digest, diff_id, size = sink.finish()
+    return WrittenLayer(digest, diff_id, size, MEDIA_TYPES[compression])
 
 
 # -- the image's blobs ---------------------------------------------------------------

@@ -60,6 +60,11 @@ class RootReview:
     changes: list[scanmod.Change]  # shown ones (not ignored, not SAME), scan order
     ignored: int
     conflicts: dict[str, str] = field(default_factory=dict)
+    #: The whole scan (SAME entries and ignored ones included): what commit applies
+    #: from, so that the upper is scanned once.
+    scanned: list[scanmod.Change] = field(default_factory=list)
+    #: ``review_change`` of each of ``changes``, in the same order.
+    reviewed: list[review.Change] = field(default_factory=list)
 
 
 def review_root(sb: state.Sandbox, i: int, ignore: review.Ignore) -> RootReview:
@@ -68,21 +73,23 @@ def review_root(sb: state.Sandbox, i: int, ignore: review.Ignore) -> RootReview:
         changes = scanmod.scan(str(sb.upper(i)), [root])
     except scanmod.ScanError as e:
         raise KeepError(str(e)) from None
-    shown, ignored = [], 0
+    shown, reviewed, ignored = [], [], 0
     for c in changes:
         if c.kind is scanmod.Kind.SAME:
             continue
-        if ignore.matches(review_change(c)):
+        rc = review_change(c)
+        if ignore.matches(rc):
             ignored += 1
             continue
         shown.append(c)
+        reviewed.append(rc)
     records = identity.load(sb.work(i))
     fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        conflicts = review.conflicts((review_change(c) for c in shown), records, fd)
+        conflicts = review.conflicts(reviewed, records, fd)
     finally:
         os.close(fd)
-    return RootReview(root, sb.upper(i), shown, ignored, conflicts)
+    return RootReview(root, sb.upper(i), shown, ignored, conflicts, changes, reviewed)
 
 
 def _abs(root: str, c: scanmod.Change) -> str:
@@ -143,13 +150,18 @@ def commit_root(
     """Apply the selected, not ignored, non-conflicting changes of root ``i``."""
     root = sb.roots[i]
     r = review_root(sb, i, ignore)
-    rchanges = [review_change(c) for c in r.changes]
-    chosen = review.select(rchanges, patterns or [])
+    chosen = review.select(r.reviewed, patterns or [])
     selected = {tuple(os.fsencode(p) for p in c.path.split("/")) for c in chosen}
     skipped: dict[str, str] = {}
+    # The conflicts by scanned path: the check below runs once per planned change.
+    by_path = {
+        c.path: r.conflicts[rc.path]
+        for c, rc in zip(r.changes, r.reviewed, strict=True)
+        if rc.path in r.conflicts
+    }
 
     def check(c: scanmod.Change, _live: os.stat_result | None) -> bool:
-        why = r.conflicts.get(review_change(c).path)
+        why = by_path.get(c.path)
         if why is None or force:
             return True
         skipped[_abs(root, c)] = why
@@ -162,32 +174,20 @@ def commit_root(
             root,
             select=lambda p: p in selected,
             conflict_check=check,
+            changes=r.scanned,
             journal_dir=str(sb.path / f"journal.{i}"),
             dry_run=dry_run,
-            # One syncfs at the end (below) instead of an fsync per file: a
-            # SIGKILL loses nothing either way (the page cache survives it, and
-            # the journal resumes).
-            durable=False,
+            # Apply's group commit: files built aside, one syncfs, then renamed into
+            # place; one more syncfs at the end.  A crash never leaves a renamed
+            # file whose data is not on disk, and the commit is durable when done.
+            durable=True,
         )
     except (ApplyError, scanmod.ScanError) as e:
         raise KeepError(str(e)) from None
-    if not dry_run:
-        _syncfs(root)
     done = [root.rstrip("/") + a.path for a in actions if a.skipped is None and a.op != "skip"]
     if not dry_run:
         _refresh_identities(sb, i, root, actions)
     return CommitResult(root, sorted(set(done)), skipped, r.ignored)
-
-
-def _syncfs(root: str) -> None:
-    """Write out the filesystem of ``root`` once: the commit is durable when it returns."""
-    from ..syscalls import syncfs
-
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    try:
-        syncfs(fd)
-    finally:
-        os.close(fd)
 
 
 def _refresh_identities(sb: state.Sandbox, i: int, root: str, actions: list[Any]) -> None:
@@ -195,15 +195,16 @@ def _refresh_identities(sb: state.Sandbox, i: int, root: str, actions: list[Any]
     records = identity.load(sb.work(i))
     fd = os.open(root, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        for a in actions:
-            if a.skipped is not None or a.op == "skip":
-                continue
-            path = a.path.strip("/")
-            st = review.lstat_under(fd, path)
-            if st is None:
-                records.pop(path, None)
-            else:
-                records[path] = identity.Identity.of(st)
+        with review.LiveTree(fd) as live:
+            for a in actions:
+                if a.skipped is not None or a.op == "skip":
+                    continue
+                path = a.path.strip("/")
+                st = live.lstat(path)
+                if st is None:
+                    records.pop(path, None)
+                else:
+                    records[path] = identity.Identity.of(st)
     finally:
         os.close(fd)
     lines = []

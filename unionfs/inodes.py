@@ -217,6 +217,8 @@ class InodeTable:
         #: and back, while that object's node lives.
         self._renumbered: dict[int, int] = {}
         self._renumbered_from: dict[int, int] = {}
+        #: [hits, misses] of ``cached_child`` (``unionfs stats`` shares its list).
+        self.child_counts = [0, 0]
 
     def __len__(self) -> int:
         return len(self._nodes)
@@ -237,10 +239,13 @@ class InodeTable:
         """The live node last seen at ``parent/name``, if the kernel still holds it."""
         node = parent.children.get(name)
         if node is None:
+            self.child_counts[1] += 1
             return None
         if self._nodes.get(node.ino) is not node:
             del parent.children[name]
+            self.child_counts[1] += 1
             return None
+        self.child_counts[0] += 1
         return node
 
     def node_for(self, parent: Node, name: bytes, entry: Entry) -> Node:

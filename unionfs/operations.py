@@ -17,9 +17,10 @@ import logging
 import os
 import stat as stat_mod
 import time
+import types
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any
 
 import pyfuse3
 
@@ -31,8 +32,6 @@ from .upper import DEFAULT_ACL, Upper
 
 log = logging.getLogger(__name__)
 
-F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
-
 #: Advertised block size: CPython's buffered I/O sizes its buffer from it, so a
 #: large value means fewer, bigger WRITE requests (16x fewer at 4 KiB -> 128 KiB).
 BLKSIZE = 128 * 1024
@@ -42,20 +41,28 @@ BLKSIZE = 128 * 1024
 _READ_AHEAD_AT_OPEN = 128 * 1024
 
 
-def _guard(fn: F) -> F:
+def _guard(fn: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
     """Map every failure of a handler to an errno reply; never let one escape.
 
     Also the one place that counts requests: each one's latency goes into its
     type's log2 histogram (``unionfs stats``; a clock read and an increment).
+
+    The handler itself may be a plain function: most never wait for anything,
+    and calling one directly saves a coroutine per request.  A handler whose
+    slow path must wait returns a coroutine for it, which is awaited here.
     """
     buckets = stats.COUNTERS.buckets(fn.__name__)
     clock = time.perf_counter_ns
+    coroutine = types.CoroutineType
 
     @functools.wraps(fn)
     async def wrapper(*args: Any) -> Any:
         start = clock()
         try:
-            return await fn(*args)
+            result = fn(*args)
+            if type(result) is coroutine:
+                result = await result
+            return result
         except pyfuse3.FUSEError:
             raise
         except OSError as e:
@@ -66,7 +73,7 @@ def _guard(fn: F) -> F:
         finally:
             buckets[(clock() - start).bit_length()] += 1
 
-    return wrapper  # type: ignore[return-value]
+    return wrapper
 
 
 def _start_reading(fd: int) -> None:
@@ -230,23 +237,39 @@ class UnionOperations(pyfuse3.Operations):
             raise OSError(errno.EROFS, "read-only union")
         return self.upper
 
-    async def _settle(self, parent: Node, name: bytes, node: Node, entry: Entry) -> os.stat_result:
-        """Serve a lower hard link from its indexed upper copy, if it has one.
+    def _copied_link(self, node: Node, entry: Entry) -> bool:
+        """Is ``entry`` a lower hard link whose file has an indexed upper copy?
 
         Another name of the same lower file was changed (in this mount or
-        before a remount): linking this name to the copy, in the upper, keeps
-        all names one file, also for a kernel mount of the upper.
+        before a remount): this name must then be linked to the copy, in the
+        upper (``_settle``), so that all names stay one file, also for a
+        kernel mount of the upper.
         """
-        if (
-            self.upper is None
-            or entry.layer == 0
-            or entry.is_dir
-            or entry.st.st_nlink < 2
-            or not self.stack.in_index(node.ino)
-        ):
-            return entry.st if node.layer == entry.layer else self._stat(node)
+        return (
+            self.upper is not None
+            and entry.layer != 0
+            and entry.dir_layers is None
+            and entry.st.st_nlink >= 2
+            and self.stack.in_index(node.ino)
+        )
+
+    def _entry_stat(self, node: Node, entry: Entry) -> os.stat_result:
+        """The attributes of a node just resolved to ``entry`` (not a copied link)."""
+        return entry.st if node.layer == entry.layer else self._stat(node)
+
+    async def _settle(self, parent: Node, name: bytes, node: Node) -> os.stat_result:
+        """Serve a lower hard link from its indexed upper copy (``_copied_link``)."""
+        assert self.upper is not None
         await self.upper.link_alias(parent, name, node)
         return self._stat(node)
+
+    async def _settled_reply(
+        self, parent: Node, name: bytes, node: Node
+    ) -> pyfuse3.EntryAttributes:
+        """A lookup's reply for a lower hard link served from its upper copy."""
+        attrs = self._attrs(node, await self._settle(parent, name, node))
+        self.table.ref(node)
+        return attrs
 
     def _resolve(self, parent: Node, name: bytes) -> Entry | None:
         assert parent.dir_layers is not None
@@ -273,9 +296,7 @@ class UnionOperations(pyfuse3.Operations):
     # -- lookup and attributes -------------------------------------------------
 
     @_guard
-    async def lookup(
-        self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext
-    ) -> pyfuse3.EntryAttributes:
+    def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> Any:
         parent = self._dir(parent_inode)
         if self.on_dir_used is not None:
             self.on_dir_used(parent)
@@ -290,8 +311,9 @@ class UnionOperations(pyfuse3.Operations):
                 if entry is None:
                     return self._negative()
                 node = self.table.node_for(parent, name, entry)
-                st = await self._settle(parent, name, node, entry)
-                attrs = self._attrs(node, st)
+                if self._copied_link(node, entry):
+                    return self._settled_reply(parent, name, node)
+                attrs = self._attrs(node, self._entry_stat(node, entry))
                 self.table.ref(node)
                 return attrs
         attrs = self._attrs(node, self._stat(node))
@@ -306,19 +328,19 @@ class UnionOperations(pyfuse3.Operations):
             log.exception("error in forget")
 
     @_guard
-    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+    def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self.table[inode]
         return self._attrs(node, self._stat(node))
 
     @_guard
-    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+    def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
         node = self.table[inode]
         return os.readlink(node.name, dir_fd=self.stack.dirfd(node.layer, node.dirpath()))
 
     # -- directories -----------------------------------------------------------
 
     @_guard
-    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+    def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
         node = self._dir(inode)
         if self.on_dir_used is not None:
             self.on_dir_used(node)
@@ -368,13 +390,16 @@ class UnionOperations(pyfuse3.Operations):
                 if entry is None:  # gone since the listing was taken
                     continue
                 child = self.table.node_for(node, name, entry)
-                st = await self._settle(node, name, child, entry)
+                if self._copied_link(child, entry):
+                    st = await self._settle(node, name, child)
+                else:
+                    st = self._entry_stat(child, entry)
             if not pyfuse3.readdir_reply(token, name, self._attrs(child, st), i + 3):
                 return
             self.table.ref(child)
 
     @_guard
-    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+    def fsyncdir(self, fh: int, datasync: bool) -> None:
         """Make the upper directory's entries durable (renames, creates, whiteouts)."""
         node = self._dirs[fh].node
         if self.config.volatile:
@@ -392,7 +417,7 @@ class UnionOperations(pyfuse3.Operations):
             os.close(fd)
 
     @_guard
-    async def releasedir(self, fh: int) -> None:
+    def releasedir(self, fh: int) -> None:
         self._dirs.pop(fh, None)
 
     # -- files -----------------------------------------------------------------
@@ -412,19 +437,14 @@ class UnionOperations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     @_guard
-    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+    def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> Any:
         node = self.table[inode]
         if node.is_dir:
             raise OSError(errno.EISDIR, "is a directory")
         truncate = bool(flags & os.O_TRUNC)
         if flags & os.O_ACCMODE != os.O_RDONLY or truncate:
-            # Truncation makes the lower data useless: copy up metadata only.
-            await self._writable().copyup.copy_up(node, with_data=not truncate)
-            # O_TRUNC goes to the real open: Linux truncates on O_RDONLY|O_TRUNC
-            # too, where an ftruncate of the read-only descriptor was EINVAL.
-            # The kernel has checked the caller's write permission (may_open).
-            fd = self._open_fd(node, flags, os.O_TRUNC if truncate else 0)
-        elif node.metacopy:  # metadata only in the upper: read the lower's data
+            return self._open_for_writing(node, flags, truncate)
+        if node.metacopy:  # metadata only in the upper: read the lower's data
             assert node.parent is not None and node.parent.dir_layers is not None
             fd = self.stack.open_metacopy_data(
                 node.dirpath(), node.name, node.parent.dir_layers, node.parent.xwh_layers, flags
@@ -434,16 +454,26 @@ class UnionOperations(pyfuse3.Operations):
             _start_reading(fd)
         return self._file_info(node, fd)
 
+    async def _open_for_writing(self, node: Node, flags: int, truncate: bool) -> pyfuse3.FileInfo:
+        """An open for writing (or truncating): the object is copied up first."""
+        # Truncation makes the lower data useless: copy up metadata only.
+        await self._writable().copyup.copy_up(node, with_data=not truncate)
+        # O_TRUNC goes to the real open: Linux truncates on O_RDONLY|O_TRUNC
+        # too, where an ftruncate of the read-only descriptor was EINVAL.
+        # The kernel has checked the caller's write permission (may_open).
+        fd = self._open_fd(node, flags, os.O_TRUNC if truncate else 0)
+        return self._file_info(node, fd)
+
     @_guard
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    def read(self, fh: int, off: int, size: int) -> bytes:
         return os.pread(self._files[fh].fd, size, off)
 
     @_guard
-    async def write(self, fh: int, off: int, buf: bytes) -> int:
+    def write(self, fh: int, off: int, buf: bytes) -> int:
         return os.pwrite(self._files[fh].fd, buf, off)
 
     @_guard
-    async def fsync(self, fh: int, datasync: bool) -> None:
+    def fsync(self, fh: int, datasync: bool) -> None:
         fd = self._files[fh].fd
         if self.config.volatile:
             return  # -o volatile: no sync reaches the upper (kernel overlayfs' rule)
@@ -453,7 +483,7 @@ class UnionOperations(pyfuse3.Operations):
             os.fsync(fd)
 
     @_guard
-    async def release(self, fh: int) -> None:
+    def release(self, fh: int) -> None:
         handle = self._files.pop(fh, None)
         if handle is not None:
             os.close(handle.fd)
@@ -737,7 +767,7 @@ class UnionOperations(pyfuse3.Operations):
         return node.xattrs
 
     @_guard
-    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+    def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
         if name == stats.XATTR and inode == pyfuse3.ROOT_INODE:
             return self._stats_reply(ctx)
         if markers.is_private_xattr(name):
@@ -757,7 +787,7 @@ class UnionOperations(pyfuse3.Operations):
             return os.getxattr(path, saved, follow_symlinks=fname is None)
 
     @_guard
-    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+    def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
         return list(self._xattr_names(self.table[inode]))
 
     async def _change_xattr(self, inode: int, name: bytes, change: Callable[[bytes], None]) -> None:
@@ -810,7 +840,7 @@ class UnionOperations(pyfuse3.Operations):
         return ownership.saved_name(name) or name
 
     @_guard
-    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+    def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
         sv = os.statvfs(self.stack.layers[0].fd)
         out = pyfuse3.StatvfsData()
         for field in (

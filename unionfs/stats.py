@@ -69,30 +69,14 @@ COUNTERS = Counters()
 def instrument(table: Any, stack: Any, copyup: Any | None) -> None:
     """Count the hits of the inode table's and layer stack's caches, and copy-ups.
 
-    Done on the instances (an attribute in front of the method), so that the
-    filesystem core carries no counting code of its own.
+    The table and the stack count hits and misses into lists they hold; this
+    gives them the daemon's.  Copy-ups are counted by a wrapper on the
+    instance (rare and long: the wrapper costs nothing there).
     """
-    entries = COUNTERS.cache("entries")
-    cached_child = table.cached_child
-
-    def counted_child(*args: Any, **kwargs: Any) -> Any:
-        node = cached_child(*args, **kwargs)
-        entries[node is None] += 1
-        return node
-
-    table.cached_child = counted_child
-
-    dir_fds = COUNTERS.cache("dir_fds")
-    dirfd = stack.dirfd
-    fd_cache = getattr(stack, "_cache", None)
-    if isinstance(fd_cache, dict):  # the descriptor cache; peeked at, never changed
-
-        def counted_dirfd(layer: int, path: tuple[bytes, ...], *rest: Any) -> int:
-            if path:
-                dir_fds[(layer, path) not in fd_cache] += 1
-            return dirfd(layer, path, *rest)
-
-        stack.dirfd = counted_dirfd
+    # The table and the stack count into these lists themselves (an increment
+    # where a wrapper cost 0.1-0.4 us a call).
+    table.child_counts = COUNTERS.cache("entries")
+    stack.fd_counts = COUNTERS.cache("dir_fds")
 
     if copyup is not None:
         copyup.copy_up = _counted_copy_up(copyup.copy_up, stack)

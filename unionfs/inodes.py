@@ -35,6 +35,9 @@ _LOW_MASK = (1 << _TAG_SHIFT) - 1
 #: churn; a node whose remembered names are all gone answers through its
 #: open descriptors only.
 _MAX_ALIASES = 8
+#: Bumped whenever any node is given another parent or name: every path
+#: cached on a node (``Node.path``) is valid while this has not changed.
+_moves = 0
 
 
 class Node:
@@ -47,6 +50,8 @@ class Node:
     """
 
     __slots__ = (
+        "_path",
+        "_path_at",
         "aliases",
         "children",
         "dir_layers",
@@ -70,6 +75,9 @@ class Node:
         self.ino = ino
         self.parent = parent
         self.name = name
+        #: The merged path, computed at ``_path_at`` (a value of ``_moves``).
+        self._path: Path = ()
+        self._path_at = -1
         self.nlookup = 0
         #: Other merged names the object is known by (hard links), so that
         #: it keeps a name when the one it is addressed by is removed.
@@ -113,17 +121,23 @@ class Node:
     def path(self) -> Path:
         """The merged path, walked up through the parents (renames just relink).
 
-        Raises ESTALE for an unlinked node, as ``dirpath`` does.
+        Every request needs it, so it is kept until a node anywhere moves
+        (``readdress``/``detach``/``move``, rare next to lookups).  Raises
+        ESTALE for an unlinked node, as ``dirpath`` does.
         """
         if self.unlinked:
             raise OSError(errno.ESTALE, "the object has no name left")
+        if self._path_at == _moves:
+            return self._path
         parts: list[bytes] = []
         node: Node | None = self
         while node is not None and node.parent is not None:
             parts.append(node.name)
             node = node.parent
         parts.reverse()
-        return tuple(parts)
+        self._path = path = tuple(parts)
+        self._path_at = _moves
+        return path
 
     def dirpath(self) -> Path:
         """Path of the directory holding this node's name.
@@ -138,6 +152,13 @@ class Node:
     def __repr__(self) -> str:
         where = b"(unlinked)" if self.unlinked else b"/".join(self.path())
         return f"<Node {self.ino} {where!r} layer={self.layer}>"
+
+
+def _readdressed(node: Node, parent: Node, name: bytes) -> None:
+    """Give ``node`` the address ``parent/name``: cached paths are then stale."""
+    global _moves
+    node.parent, node.name = parent, name
+    _moves += 1
 
 
 def _addressed_by(node: Node, parent: Node | None, name: bytes) -> bool:
@@ -303,7 +324,7 @@ class InodeTable:
         """Address ``node`` by ``parent/name``, keeping a hard link's other name."""
         if not _addressed_by(node, parent, name):
             old = (node.parent, node.name)
-            node.parent, node.name = parent, name
+            _readdressed(node, parent, name)
             if not node.is_dir and not node.unlinked and old[0] is not None:
                 self.add_alias(node, *old)
         node.unlinked = False
@@ -337,7 +358,7 @@ class InodeTable:
             return
         for p, n in node.aliases or ():
             if still_names(p, n):
-                node.parent, node.name = p, n
+                _readdressed(node, p, n)
                 node.aliases = _without(node.aliases, p, n) or None
                 if self._nodes.get(node.ino) is node:
                     p.children[n] = node
@@ -363,7 +384,7 @@ class InodeTable:
             node.aliases = _without(node.aliases, *old)
             self.add_alias(node, parent, name)
         else:
-            node.parent, node.name = parent, name
+            _readdressed(node, parent, name)
             node.unlinked = False
         if self._nodes.get(node.ino) is node:
             parent.children[name] = node

@@ -319,22 +319,17 @@ class LayerStack:
         a 0/0 whiteout from a real device, so those need an lstat).
         """
         keep = self._may_keep(layer, path)
-        fd = os.open(
-            ".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=self.dirfd(layer, path)
-        )
-        try:
-            with os.scandir(fd) as it:
-                out = []
-                for e in it:
-                    name = os.fsencode(e.name)
-                    is_dir = e.is_dir(follow_symlinks=False)
-                    special = not (is_dir or e.is_file(follow_symlinks=False) or e.is_symlink())
-                    out.append((name, is_dir, special))
-                if keep:
-                    self._remember_names(layer, path, frozenset(n for n, _, _ in out))
-                return out
-        finally:
-            os.close(fd)
+        # By the descriptor's /proc link (the directory itself, as _names_after_miss
+        # reads it): a bytes path gives bytes names, with no re-encoding per entry.
+        with os.scandir(b"/proc/self/fd/%d" % self.dirfd(layer, path)) as it:
+            out = []
+            for e in it:
+                is_dir = e.is_dir(follow_symlinks=False)
+                special = not (is_dir or e.is_file(follow_symlinks=False) or e.is_symlink())
+                out.append((e.name, is_dir, special))
+        if keep:
+            self._remember_names(layer, path, frozenset(n for n, _, _ in out))
+        return out
 
     # -- the merge rules -------------------------------------------------------
 
@@ -400,11 +395,13 @@ class LayerStack:
         try:
             if names is None:
                 names = self.listxattr(layer, path)
-            opacity = markers.opacity_from_xattrs(
-                names, lambda x: self.getxattr(layer, path, None, x)
-            )
-            if opacity is Opacity.OPAQUE:
-                return opacity
+            opacity = Opacity.MERGE  # most directories carry no xattr at all
+            if names:
+                opacity = markers.opacity_from_xattrs(
+                    names, lambda x: self.getxattr(layer, path, None, x)
+                )
+                if opacity is Opacity.OPAQUE:
+                    return opacity
             known = self._names.get((layer, path))
             if known is not None:
                 if known.markers and markers.OPAQUE_NAME in known.names:

@@ -110,17 +110,19 @@ class _Waiter:
     async def wait_readable(self, fd: Any) -> None:
         self.waits += 1
         if self.waits % self.yield_every and not self._others_ready():
-            fileno = fd if isinstance(fd, int) else fd.fileno()
-            poller = self._poller(fileno)
-            events = self._spin(poller) if self.spinning else []
+            fileno = fd if type(fd) is int else fd.fileno()
+            poller = self._pollers.get(fileno) or self._poller(fileno)
+            events = self._spin(poller) if self.spinning else None
             if not events:
                 start = time.perf_counter()
                 events = poller.poll(self.poll_ms)
                 if events:
                     elapsed = time.perf_counter() - start
                     self.spinning = self.spin_s > 0 and elapsed < self.rearm_s
-            if events and all(ready == fileno for ready, _ in events):
-                return  # readable, or closed: pyfuse3's read then says which
+            # Only the FUSE descriptor (each polled descriptor is reported once):
+            # readable, or closed: pyfuse3's read then says which.
+            if len(events) == 1 and events[0][0] == fileno:
+                return
         await trio.lowlevel.wait_readable(fd)
 
     def _poller(self, fileno: int) -> select.poll:

@@ -158,10 +158,13 @@ class UnionOperations(pyfuse3.Operations):
     # -- helpers ---------------------------------------------------------------
 
     def _attrs(self, node: Node, st: os.stat_result) -> pyfuse3.EntryAttributes:
-        """The single place where replies' attributes and timeouts are made."""
+        """The single place where replies' attributes and timeouts are made.
+
+        Every field is set but ``generation`` (0 from pyfuse3's constructor):
+        this runs once per reply and per listed entry.
+        """
         a = pyfuse3.EntryAttributes()
         a.st_ino = node.ino
-        a.generation = 0
         a.entry_timeout = self.config.entry_timeout
         a.attr_timeout = self.config.attr_timeout
         a.st_mode = st.st_mode
@@ -176,7 +179,7 @@ class UnionOperations(pyfuse3.Operations):
         a.st_gid = st.st_gid
         a.st_rdev = st.st_rdev
         a.st_size = st.st_size
-        a.st_blksize = max(BLKSIZE, st.st_blksize)
+        a.st_blksize = BLKSIZE if st.st_blksize < BLKSIZE else st.st_blksize
         a.st_blocks = st.st_blocks
         a.st_atime_ns = st.st_atime_ns
         a.st_mtime_ns = st.st_mtime_ns
@@ -374,29 +377,28 @@ class UnionOperations(pyfuse3.Operations):
                 return
             pos = 2
         dirpath = node.path()
+        table, stack, attrs_of, reply = self.table, self.stack, self._attrs, pyfuse3.readdir_reply
         for i in range(pos - 2, len(names)):
             name, layer, is_dir = names[i]
-            child = self.table.cached_child(node, name)
+            child = table.cached_child(node, name)
             if child is not None:
                 st = self._stat(child)
             else:
                 if is_dir:
                     entry = self._resolve(node, name)
                 else:
-                    st0 = self.stack.lstat(layer, dirpath, name)
-                    entry = (
-                        None if st0 is None else self.stack.nondir_entry(layer, dirpath, name, st0)
-                    )
+                    st0 = stack.lstat(layer, dirpath, name)
+                    entry = None if st0 is None else stack.nondir_entry(layer, dirpath, name, st0)
                 if entry is None:  # gone since the listing was taken
                     continue
-                child = self.table.node_for(node, name, entry)
+                child = table.node_for(node, name, entry)
                 if self._copied_link(child, entry):
                     st = await self._settle(node, name, child)
                 else:
                     st = self._entry_stat(child, entry)
-            if not pyfuse3.readdir_reply(token, name, self._attrs(child, st), i + 3):
+            if not reply(token, name, attrs_of(child, st), i + 3):
                 return
-            self.table.ref(child)
+            table.ref(child)
 
     @_guard
     def fsyncdir(self, fh: int, datasync: bool) -> None:

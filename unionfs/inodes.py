@@ -189,6 +189,8 @@ class InodeNumbers:
         self.tagged = len(self._fsid) > 1
 
     def number(self, layer: int, real_ino: int) -> int:
+        if not self.tagged and real_ino != ROOT_INODE:  # compose's first case, inline
+            return real_ino
         dev = self._layer_dev[layer]
         return compose(self._fsid[dev], real_ino, self.tagged, dev)
 

@@ -47,6 +47,7 @@ NAME_INDEX_MAX_NAMES = 1_000_000
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _MISSING = (errno.ENOENT, errno.ENOTDIR)
 _NO_XATTR = (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP)
+_NO_LAYERS: frozenset[int] = frozenset()
 
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
@@ -78,6 +79,13 @@ class Layer:
     fd: int
     dev: int
     writable: bool
+
+
+def _any_marker(names: frozenset[bytes]) -> bool:
+    """Does any name start with ``.wh.``?  (One pass in C over the joined names:
+    a generator over them cost ~0.4 us a name, once per listed directory.)"""
+    joined = b"/".join(names)  # "/" is in no name
+    return joined.startswith(markers.WHITEOUT_PREFIX) or b"/" + markers.WHITEOUT_PREFIX in joined
 
 
 @dataclass(frozen=True, slots=True)
@@ -270,7 +278,7 @@ class LayerStack:
         old = self._names.pop(key, None)
         if old is not None:
             self._names_total -= len(old.names)
-        entry = Names(names, any(n.startswith(markers.WHITEOUT_PREFIX) for n in names))
+        entry = Names(names, _any_marker(names))
         self._names[key] = entry
         self._names_total += len(names)
         while self._names_total > NAME_INDEX_MAX_NAMES and len(self._names) > 1:
@@ -361,11 +369,11 @@ class LayerStack:
         An upper object's xattrs are listed once: they say where its number
         came from (origin) and whether it holds metadata only (metacopy).
         """
-        origin, metacopy = None, False
-        if layer == 0 and self.upper is not None:
-            xnames = self.listxattr(0, dirpath, name)
-            origin = self.origin_of(dirpath, name, xnames)
-            metacopy = markers.metacopy_marker(st.st_mode, xnames) is not None
+        if layer != 0 or self.upper is None:  # a lower file: its own number, no xattrs
+            return Entry(layer, st, None, _NO_LAYERS, layer, st)
+        xnames = self.listxattr(0, dirpath, name)
+        origin = self.origin_of(dirpath, name, xnames)
+        metacopy = markers.metacopy_marker(st.st_mode, xnames) is not None
         entry = Entry(layer, st, ino_layer=layer, ino_st=st, origin=origin, metacopy=metacopy)
         if origin is not None and st.st_nlink > 1 and self.lower_links_xattr is not None:
             value = self.getxattr(0, dirpath, name, self.lower_links_xattr)
@@ -501,28 +509,30 @@ class LayerStack:
         Each name appears once, in upper-then-lower order.  Whiteouts found in
         a layer hide names only in the layers below it.
         """
-        seen: dict[bytes, tuple[int, bool]] = {}
+        out: list[tuple[bytes, int, bool]] = []
+        seen: set[bytes] = set()
         hidden: set[bytes] = set()
+        prefix = markers.WHITEOUT_PREFIX
         for layer in dir_layers:
             hides_below: list[bytes] = []
+            xwh = layer in xwh_layers
             for name, is_dir, special in self.scandir(layer, dirpath):
-                if markers.is_marker_name(name):
+                if name.startswith(prefix):  # markers.is_marker_name, once per entry
                     target = markers.oci_whiteout_target(name)
                     if target is not None:
                         hides_below.append(target)
                     continue
                 if name in seen or name in hidden:
                     continue
-                if special or (layer in xwh_layers and not is_dir):
+                if special or (xwh and not is_dir):
                     st = self.lstat(layer, dirpath, name)
-                    if st is not None and self._is_whiteout(
-                        layer, dirpath, name, st, layer in xwh_layers
-                    ):
+                    if st is not None and self._is_whiteout(layer, dirpath, name, st, xwh):
                         hides_below.append(name)
                         continue
-                seen[name] = (layer, is_dir)
+                seen.add(name)
+                out.append((name, layer, is_dir))
             hidden.update(hides_below)
-        return [(name, layer, is_dir) for name, (layer, is_dir) in seen.items()]
+        return out
 
     # -- metadata-only copies --------------------------------------------------
 

@@ -446,19 +446,20 @@ class LayerStack:
         a non-directory below a directory ends the merge (overlayfs' rule).
         Marker names themselves never resolve.
         """
-        if markers.is_marker_name(name):
+        if name.startswith(markers.WHITEOUT_PREFIX):  # markers.is_marker_name
             return None
         found: Entry | None = None
         merged: list[int] = []
         xwh: set[int] = set()
         known = self._names
+        lstat = self.lstat
         for layer in dir_layers:
             names = known.get((layer, dirpath))
             if names is not None and name not in names.names:
                 if names.markers and markers.oci_whiteout_name(name) in names.names:
                     break
                 continue
-            st = self.lstat(layer, dirpath, name)
+            st = lstat(layer, dirpath, name)
             if st is None:
                 if names is None:
                     names = self._names_after_miss(layer, dirpath)
@@ -468,9 +469,12 @@ class LayerStack:
                 elif names.markers and markers.oci_whiteout_name(name) in names.names:
                     break
                 continue
-            if self._is_whiteout(layer, dirpath, name, st, layer in xwh_layers):
-                break
-            if not stat_mod.S_ISDIR(st.st_mode):
+            mode = st.st_mode
+            if (stat_mod.S_ISCHR(mode) or layer in xwh_layers) and self._is_whiteout(
+                layer, dirpath, name, st, layer in xwh_layers
+            ):
+                break  # (only a char device or an xattr-whiteout layer can hold one)
+            if not stat_mod.S_ISDIR(mode):
                 if found is None:
                     return self.nondir_entry(layer, dirpath, name, st)
                 break

@@ -88,6 +88,20 @@ def _start_reading(fd: int) -> None:
         os.posix_fadvise(fd, 0, _READ_AHEAD_AT_OPEN, os.POSIX_FADV_WILLNEED)
 
 
+def _dot_entry(node: Node) -> pyfuse3.EntryAttributes:
+    """The READDIRPLUS entry of "." or "..": a directory's number, no attributes.
+
+    The kernel keeps only the dirent of these two (``d_ino`` from ``st_ino``,
+    ``d_type`` from ``st_mode``): ``fuse_direntplus_link`` returns before it
+    looks at their attributes, and never counts a lookup for them.  So they
+    cost no ``fstat`` (two per listing before).
+    """
+    a = pyfuse3.EntryAttributes()
+    a.st_ino = node.ino
+    a.st_mode = stat_mod.S_IFDIR | 0o755
+    return a
+
+
 def _masked(mode: int, umask: int, default_acl: bool) -> int:
     """The permission bits of a new object, as the kernel gives them on its own files.
 
@@ -368,12 +382,11 @@ class UnionOperations(pyfuse3.Operations):
         names = handle.names
         pos = start_id
         if pos == 0:
-            if not pyfuse3.readdir_reply(token, b".", self._attrs(node, self._stat(node)), 1):
+            if not pyfuse3.readdir_reply(token, b".", _dot_entry(node), 1):
                 return
             pos = 1
         if pos == 1:
-            up = node.parent or node
-            if not pyfuse3.readdir_reply(token, b"..", self._attrs(up, self._stat(up)), 2):
+            if not pyfuse3.readdir_reply(token, b"..", _dot_entry(node.parent or node), 2):
                 return
             pos = 2
         dirpath = node.path()

@@ -168,6 +168,9 @@ class UnionOperations(pyfuse3.Operations):
         #: Called with each directory a lookup or opendir reads (-o live: watch.py).
         self.on_dir_used: Callable[[Node], None] | None = None
         stats.instrument(table, stack, self.upper.copyup if self.upper is not None else None)
+        #: [hits, misses] of the listing and xattr-name caches, held to be bumped in place.
+        self._listing_counts = stats.COUNTERS.cache("listings")
+        self._xattr_counts = stats.COUNTERS.cache("xattr_names")
 
     # -- helpers ---------------------------------------------------------------
 
@@ -372,7 +375,7 @@ class UnionOperations(pyfuse3.Operations):
         assert node.dir_layers is not None
         if handle.names is None:
             stale = node.listing is None or node.listing_gen != self.stack.generation
-            stats.count("listings", hit=not stale)
+            self._listing_counts[stale] += 1
             if stale:
                 node.listing = self.stack.merged_names(
                     node.path(), node.dir_layers, node.xwh_layers
@@ -771,7 +774,7 @@ class UnionOperations(pyfuse3.Operations):
         kernel asks for ``security.capability`` before writes: most objects
         have none, and this answers those from memory.
         """
-        stats.count("xattr_names", hit=node.xattrs is not None)
+        self._xattr_counts[node.xattrs is None] += 1
         if node.xattrs is None:
             layer, dirpath, fname = self._xattr_target(node)
             names = self.stack.listxattr(layer, dirpath, fname)

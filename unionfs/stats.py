@@ -8,7 +8,8 @@ gives the measured cost):
   in one place, ``operations._guard``: a clock read and a list increment;
 - hits and misses of the daemon's caches: entries (a name the kernel asks for
   again, ``InodeTable.cached_child``), xattr names of a node, merged directory
-  listings, and directory descriptors (``LayerStack.dirfd``);
+  listings, and directory descriptors (``LayerStack.dirfd``), each an increment
+  of a ``[hits, misses]`` list of ``Counters.caches`` where the cache is used;
 - copy-ups of non-directories: how many, their bytes and their time.
 
 The numbers travel as JSON in a private xattr of the mount root: ``getxattr``
@@ -100,11 +101,6 @@ def _counted_copy_up(copy_up: Callable[..., Any], stack: Any) -> Callable[..., A
         return result
 
     return counted
-
-
-def count(cache: str, hit: bool) -> None:
-    """One lookup of ``cache`` (a name of ``Counters.caches``)."""
-    COUNTERS.caches[cache][not hit] += 1
 
 
 def _rss_bytes() -> int:

@@ -2,6 +2,8 @@
 
 import os
 
+import pytest
+
 from unionfs.inodes import ROOT_INODE, InodeTable, compose
 from unionfs.layers import Entry, LayerStack
 
@@ -75,5 +77,45 @@ def test_an_object_with_another_link_keeps_its_number(tmp_path):
         table.detach(node, table.root, b"f", lambda p, n: False, st)
         assert not node.freed
         assert table.node_for(table.root, b"g", entry) is node
+    finally:
+        stack.close()
+
+
+def test_kept_paths_follow_every_move(tmp_path):
+    """Node.path() is kept between requests: a rename of an ancestor, a hard link
+    readdressed to its other name, and an unlinked node must all show at once."""
+    for d in ("lower/a/b", "lower/c", "upper"):
+        (tmp_path / d).mkdir(parents=True)
+    (tmp_path / "lower" / "a" / "b" / "f").write_text("f")
+    os.link(tmp_path / "lower" / "a" / "b" / "f", tmp_path / "lower" / "c" / "g")
+    stack = LayerStack([str(tmp_path / "lower")], str(tmp_path / "upper"))
+    try:
+        table = InodeTable(stack)
+
+        def node(parent, name, rel, is_dir):
+            st = os.lstat(tmp_path / "lower" / rel)
+            layers = (1,) if is_dir else None
+            n = table.node_for(parent, name, Entry(1, st, layers, ino_layer=1, ino_st=st))
+            table.ref(n)
+            return n
+
+        a = node(table.root, b"a", "a", True)
+        b = node(a, b"b", "a/b", True)
+        c = node(table.root, b"c", "c", True)
+        f = node(b, b"f", "a/b/f", False)
+        assert f.path() == (b"a", b"b", b"f") and f.dirpath() == (b"a", b"b")
+        assert f.path() is f.path(), "kept, not walked again"
+
+        table.move(a, (table.root, b"a"), table.root, b"z")  # mv a z
+        assert f.path() == (b"z", b"b", b"f") and b.path() == (b"z", b"b")
+
+        g = node(c, b"g", "c/g", False)  # the other name of f's file
+        assert g is f and f.path() == (b"c", b"g")
+        table.detach(f, c, b"g", lambda p, n: (p, n) == (b, b"f"))
+        assert f.path() == (b"z", b"b", b"f"), "back to its remaining name"
+
+        table.detach(b, a, b"b", lambda p, n: False)  # rmdir z/b
+        with pytest.raises(OSError):
+            b.path()
     finally:
         stack.close()

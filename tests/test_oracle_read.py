@@ -272,6 +272,26 @@ def _dtypes(root: Path) -> dict[bytes, dict[bytes, int]]:
     return out
 
 
+def _dot_numbers(root: Path) -> list[tuple[bytes, bytes, int, int]]:
+    """(dir, "." or "..", d_ino, st_ino) wherever readdir's number of "." or ".." is
+    not the one stat gives the directory (or its parent), below the mount root."""
+    libc = _libc()
+    wrong = []
+    for dirpath, _dirs, _files in os.walk(os.fsencode(root)):
+        dirp = libc.opendir(dirpath)
+        assert dirp, os.strerror(ctypes.get_errno())
+        try:
+            while ent := libc.readdir(dirp):
+                name = ent.contents.d_name
+                if name in (b".", b"..") and not (name == b".." and dirpath == os.fsencode(root)):
+                    st_ino = os.lstat(os.path.join(dirpath, name)).st_ino
+                    if ent.contents.d_ino != st_ino:
+                        wrong.append((dirpath, name, ent.contents.d_ino, st_ino))
+        finally:
+            libc.closedir(dirp)
+    return wrong
+
+
 def _mount_both(tmp, fmt, mode, unionfs, kernel_overlay):
     """(kernel mount, unionfs mount, unionfs upper or None) of the scenario."""
     u, k = _build(tmp, fmt)
@@ -311,6 +331,9 @@ def test_merged_view_matches_kernel(tmp, fmt, mode, unionfs, kernel_overlay):
     kd, ud = _dtypes(kmnt), _dtypes(umnt)
     assert kd == ud, [(d, kd[d], ud.get(d)) for d in kd if kd[d] != ud.get(d)][:3]
     assert not [n for d in ud.values() for n, t in d.items() if t == 0], "DT_UNKNOWN"
+    # "." and ".." carry their directories' numbers (their READDIRPLUS entries carry
+    # no attributes: the kernel keeps only the dirent of those two).
+    assert not _dot_numbers(umnt), _dot_numbers(umnt)[:3]
     # Hard links within a layer: one inode, the kernel's link count.
     ino = {os.lstat(umnt / p).st_ino for p in ("hard1", "hard2", "links/hard3")}
     assert len(ino) == 1, "hard links of one lower file must share st_ino"

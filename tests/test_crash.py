@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -73,3 +74,60 @@ def test_kill_during_copy_up_leaves_old_or_new(tmp_path, delay):
     finally:
         unmount(mnt)
         proc.wait(timeout=15)
+
+
+def _copy_up_each(mnt: Path) -> None:
+    """Copy up, one way each: an empty file and a full one by append, one by O_TRUNC,
+    one by chmod; then change each again (no more copy-ups)."""
+    for name in ("empty", "full"):
+        with open(mnt / name, "ab") as f:
+            f.write(b"x")
+    with open(mnt / "trunc", "wb") as f:
+        f.write(b"new")
+    os.chmod(mnt / "mode", 0o600)
+    for name in ("empty", "full", "trunc", "mode"):
+        with open(mnt / name, "ab") as f:
+            f.write(b"y")
+
+
+@pytest.mark.skipif(shutil.which("strace") is None, reason="needs strace")
+def test_copy_up_syncs_only_copied_data_and_leaves_no_temporary(tmp_path):
+    """The kernel's syscall budget: only a copy that moved data is fsync'd (an empty
+    file, or one truncated at open, has nothing a crash could lose), never a
+    directory; a regular file is built as an O_TMPFILE and linked in, no rename."""
+    lower, upper, mnt = tmp_path / "lower", tmp_path / "upper", tmp_path / "mnt"
+    for d in (lower, upper, mnt):
+        d.mkdir()
+    (lower / "empty").write_bytes(b"")
+    for name in ("full", "trunc", "mode"):
+        (lower / name).write_bytes(b"lower data\n" * 100)
+    log = tmp_path / "strace.log"
+    trace = ["strace", "-f", "-qq", "-o", str(log), "-e", "trace=fsync,fdatasync,syncfs,rename,"]
+    trace[-1] += "renameat,renameat2,linkat,open,openat"
+    proc = subprocess.Popen(
+        [*trace, *CMD, "-f", str(lower), str(upper), str(mnt)], stderr=subprocess.DEVNULL
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not mounted(mnt):
+            assert proc.poll() is None and time.monotonic() < deadline, "mount failed"
+            time.sleep(0.02)
+        _copy_up_each(mnt)
+        assert (mnt / "full").read_bytes() == b"lower data\n" * 100 + b"xy"
+        assert (mnt / "trunc").read_bytes() == b"newy"
+        assert (mnt / "empty").read_bytes() == b"xy"
+        assert (mnt / "mode").stat().st_mode & 0o777 == 0o600
+    finally:
+        unmount(mnt)
+        proc.wait(timeout=15)
+    lines = log.read_text().splitlines()
+    # What the mount's start writes (its stack record, synced) comes before.
+    first = next((i for i, line in enumerate(lines) if "O_TMPFILE" in line), 0)
+    lines = lines[first:]
+    calls = [line.split("(")[0].split()[-1] for line in lines if "(" in line]
+    # The copy of "full" and of "mode" (chmod copies data without -o metacopy).
+    assert calls.count("fsync") == 2 and "fdatasync" not in calls, calls
+    assert not any(c.startswith("rename") for c in calls), calls
+    assert sum("O_TMPFILE" in line for line in lines) == 4, lines
+    assert sum(line.split()[1].startswith("linkat(") for line in lines) == 4, lines
+    assert (upper / "full").stat().st_nlink == 1

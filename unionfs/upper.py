@@ -80,32 +80,53 @@ class Upper:
         await self.copyup.ensure_dir(parent)
         path = parent.path()
         pfd = self.stack.dirfd(0, path)
+        fd = None
+        made = False
+        if not is_dir:
+            # The usual case, a free name: every maker is exclusive (O_EXCL, mknod,
+            # symlink, link), so try it first and look at the name only if taken.
+            try:
+                fd = make(pfd, name)
+                made = True
+            except FileExistsError:
+                pass
+        oci_wh = self.stack.has_oci_whiteout(0, path, name)
+        if not made:
+            fd = self._make_over(parent, name, make, is_dir, oci_wh)
+        if oci_wh:
+            os.unlink(markers.oci_whiteout_name(name), dir_fd=pfd)
+        return fd
+
+    def _make_over(
+        self, parent: Node, name: bytes, make: Maker, is_dir: bool, oci_wh: bool
+    ) -> int | None:
+        """Make ``parent/name`` where the upper has nothing or a whiteout (or, for a
+        directory, where a lower one must stay hidden): built in the work dir and
+        swapped in unless the name is simply free."""
+        path = parent.path()
+        pfd = self.stack.dirfd(0, path)
         st = self.stack.lstat(0, path, name)
         if st is not None and not markers.is_char_whiteout(st.st_mode, st.st_rdev):
             raise OSError(errno.EEXIST, "exists in the upper")
-        oci_wh = self.stack.has_oci_whiteout(0, path, name)
         if st is None and not (is_dir and (oci_wh or self.lower_has(parent, name))):
-            fd = make(pfd, name)
-        else:
-            nest = self._nest_with_default_acl(path)
-            work = self.copyup.work_fd if nest is None else nest[0]
-            tmp = self.copyup.temp_name()
+            return make(pfd, name)
+        nest = self._nest_with_default_acl(path)
+        work = self.copyup.work_fd if nest is None else nest[0]
+        tmp = self.copyup.temp_name()
+        try:
+            fd = make(work, tmp)
             try:
-                fd = make(work, tmp)
-                try:
-                    self._swap_in(work, tmp, pfd, name, replacing=st is not None, is_dir=is_dir)
-                except BaseException:
-                    if fd is not None:
-                        os.close(fd)
-                    if nest is None:
-                        self._remove_work(tmp)
-                    raise
-            finally:
-                if nest is not None:
-                    os.close(nest[0])
-                    self._remove_work(nest[1])
-        if oci_wh:
-            os.unlink(markers.oci_whiteout_name(name), dir_fd=pfd)
+                self._swap_in(work, tmp, pfd, name, replacing=st is not None, is_dir=is_dir)
+            except BaseException:
+                if fd is not None:
+                    os.close(fd)
+                if nest is None:
+                    self._remove_work(tmp)
+                raise
+        finally:
+            if nest is not None:
+                os.close(nest[0])
+                self._remove_work(nest[1])
         return fd
 
     @changes_upper

@@ -180,6 +180,9 @@ class CopyUp:
         self._tmpfile = True
         #: Lower devices from which a clone to the upper is impossible (no retry).
         self._no_clone: set[int] = set()
+        #: Where the bytes of data copied up are counted (``unionfs stats`` puts
+        #: its totals here; no stat of the result is needed).
+        self.totals: dict[str, int] = {"bytes": 0}
         self._locks: dict[int, trio.Lock] = {}
         #: Called with (merged path, lower lstat) just before a lower object is
         #: replaced in the upper (copy-up here, whiteout in upper.py): -o
@@ -311,8 +314,9 @@ class CopyUp:
             return
         if node.unlinked and node.layer != 0:
             raise OSError(errno.ESTALE, "a deleted lower object cannot be copied up")
-        assert node.parent is not None
-        await self.ensure_dir(node.parent)
+        assert node.parent is not None and node.parent.dir_layers is not None
+        if node.parent.dir_layers[0] != 0:
+            await self.ensure_dir(node.parent)
         async with self._lock(node):
             if node.layer == 0:
                 if node.metacopy and not meta_only:
@@ -356,9 +360,10 @@ class CopyUp:
                         await trio.to_thread.run_sync(copy_data, src, dst, size)
                     else:
                         copy_data(src, dst, size)
+                    self.totals["bytes"] += size
                     if self.durable and big:
                         await trio.to_thread.run_sync(os.fsync, dst)
-                    elif self.durable:
+                    elif self.durable and size:
                         os.fsync(dst)
                 finally:
                     os.close(src)
@@ -528,6 +533,7 @@ class CopyUp:
                     clone = await trio.to_thread.run_sync(copy_data, *args)
                 else:
                     clone = copy_data(*args)
+                self.totals["bytes"] += st.st_size
                 if not clone:
                     self._no_clone.add(st.st_dev)
             elif meta:

@@ -131,3 +131,55 @@ def test_copy_up_syncs_only_copied_data_and_leaves_no_temporary(tmp_path):
     assert sum("O_TMPFILE" in line for line in lines) == 4, lines
     assert sum(line.split()[1].startswith("linkat(") for line in lines) == 4, lines
     assert (upper / "full").stat().st_nlink == 1
+
+
+#: A daemon on a file system without O_TMPFILE (as some FUSE or network uppers):
+#: the real open, except that an O_TMPFILE fails as the kernel fails it there.
+_NO_TMPFILE_DAEMON = """
+import errno, os, sys
+real_open = os.open
+def no_tmpfile(path, flags, *args, **kwargs):
+    if flags & os.O_TMPFILE == os.O_TMPFILE:
+        raise OSError(errno.EOPNOTSUPP, "no O_TMPFILE here")
+    return real_open(path, flags, *args, **kwargs)
+os.open = no_tmpfile
+from unionfs.cli import main
+sys.argv[0] = "unionfs-mount"
+sys.exit(main())
+"""
+
+
+def test_copy_up_without_o_tmpfile_goes_through_a_named_temporary(tmp_path):
+    """Where O_TMPFILE fails, copy-ups are built as named temporaries and renamed
+    in: the same data and metadata, nothing left in the work dir."""
+    lower, upper, mnt = tmp_path / "lower", tmp_path / "upper", tmp_path / "mnt"
+    for d in (lower, upper, mnt):
+        d.mkdir()
+    for name in ("a", "b"):
+        (lower / name).write_bytes(b"lower " + name.encode())
+        os.chmod(lower / name, 0o640)
+        os.utime(lower / name, ns=(10**18, 10**18))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _NO_TMPFILE_DAEMON, "-f", str(lower), str(upper), str(mnt)],
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 20
+        while not mounted(mnt):
+            assert proc.poll() is None and time.monotonic() < deadline, "mount failed"
+            time.sleep(0.02)
+        for name in ("a", "b"):
+            with open(mnt / name, "ab") as f:
+                f.write(b"+")
+            os.utime(mnt / name, ns=(10**18, 10**18))
+        assert (mnt / "a").read_bytes() == b"lower a+"
+        assert (mnt / "b").read_bytes() == b"lower b+"
+        work = tmp_path / ".upper.unionfs-work" / "work"
+        assert os.listdir(work) == []
+    finally:
+        unmount(mnt)
+        proc.wait(timeout=15)
+    for name in ("a", "b"):
+        st = (upper / name).stat()
+        assert st.st_mode & 0o777 == 0o640 and st.st_nlink == 1
+        assert st.st_size == len(b"lower a+")

@@ -479,7 +479,9 @@ class CopyUp:
             dst_dir = self.stack.dirfd(0, node.dirpath())
             try:
                 os.link(b"/proc/self/fd/%d" % dst, node.name, dst_dir_fd=dst_dir)
-            except PermissionError:
+            except OSError as e:
+                if e.errno != errno.EPERM:
+                    raise
                 self._tmpfile = False
                 return False
         finally:

@@ -157,12 +157,16 @@ class Upper:
             raise OSError(errno.ENOTEMPTY, "directory not empty")
         await self.copyup.ensure_dir(parent)
         path = parent.path()
-        in_upper = node.layer == 0
+        layer = node.layer
+        # The lower object, looked at once: hard links, the whiteout, identities.
+        below = None if layer == 0 else self.stack.lstat(layer, path, name)
+        in_upper = layer == 0
         if not node.is_dir:
-            in_upper = await self._up_if_hard_linked(node, parent, name)
-        gone = self.stack.lstat(node.layer, path, name)
+            in_upper = await self._up_if_hard_linked(node, parent, name, below)
+        gone = below if node.layer == layer != 0 else self.stack.lstat(node.layer, path, name)
         pfd = self.stack.dirfd(0, path)
-        whiteout = self.lower_has(parent, name)
+        # A lower object shown at this name: the lowers have it, no need to look.
+        whiteout = (layer != 0 and below is not None) or self.lower_has(parent, name)
         if whiteout and not in_upper and gone is not None:
             self.copyup.replaced((*path, name), gone)  # copied-up objects were recorded then
         if in_upper and whiteout and self.writer.fmt == "kernel":
@@ -184,17 +188,21 @@ class Upper:
         await self._detach(node, parent, name, gone)
         return node
 
-    async def _up_if_hard_linked(self, node: Node, parent: Node, name: bytes) -> bool:
+    async def _up_if_hard_linked(
+        self, node: Node, parent: Node, name: bytes, below: os.stat_result | None = None
+    ) -> bool:
         """Is non-directory ``parent/name`` in the upper, once linked up if needed?
 
         One name of a lower file with several is linked up to the (indexed)
         copy before it is removed or replaced, as overlayfs' index=on does, so
-        that the other names count one link less once it is gone.
+        that the other names count one link less once it is gone.  ``below``:
+        the lstat of the node's lower object, if the caller has it.
         """
         path = parent.path()
         if self.stack.lstat(0, path, name) is not None:
             return True
-        below = None if node.layer == 0 else self.stack.lstat(node.layer, path, name)
+        if below is None and node.layer != 0:
+            below = self.stack.lstat(node.layer, path, name)
         if node.layer == 0 or (below is not None and below.st_nlink > 1):
             await self.link_alias(parent, name, node)
             return True

@@ -180,6 +180,9 @@ class CopyUp:
         self._tmpfile = True
         #: Lower devices from which a clone to the upper is impossible (no retry).
         self._no_clone: set[int] = set()
+        #: The whiteout of the work dir that new kernel-format whiteouts are
+        #: hard links of (kernel overlayfs' whiteout sharing); False: not shared.
+        self._whiteout: bytes | bool | None = None
         #: Where the bytes of data copied up are counted (``unionfs stats`` puts
         #: its totals here; no stat of the result is needed).
         self.totals: dict[str, int] = {"bytes": 0}
@@ -195,8 +198,44 @@ class CopyUp:
             self.on_replace(path, st)
 
     def close(self) -> None:
+        if isinstance(self._whiteout, bytes):
+            with contextlib.suppress(OSError):
+                os.unlink(self._whiteout, dir_fd=self.work_fd)
         os.close(self.work_fd)
         os.close(self.index_fd)
+
+    def link_whiteout(self, dir_fd: int, name: bytes) -> bool:
+        """Make ``dir_fd/name`` a char 0/0 whiteout as one more link of a shared one.
+
+        As kernel overlayfs (5.8+): a whiteout costs a directory entry, not a
+        new inode each time (a delete of a lower file ~2x cheaper on ext4).
+        A full link count starts a new shared whiteout; False (and not tried
+        again) where links cannot be made, for the caller to mknod one.
+        """
+        for _ in range(2):
+            if self._whiteout is False:
+                return False
+            if self._whiteout is None:
+                tmp = self.temp_name()
+                os.mknod(tmp, stat_mod.S_IFCHR, 0, dir_fd=self.work_fd)
+                self._whiteout = tmp
+            assert isinstance(self._whiteout, bytes)
+            try:
+                os.link(
+                    self._whiteout,
+                    name,
+                    src_dir_fd=self.work_fd,
+                    dst_dir_fd=dir_fd,
+                    follow_symlinks=False,
+                )
+                return True
+            except OSError as e:
+                if e.errno in (errno.EEXIST, errno.ENOENT, errno.ENOSPC, errno.EDQUOT):
+                    raise
+                with contextlib.suppress(OSError):
+                    os.unlink(self._whiteout, dir_fd=self.work_fd)
+                self._whiteout = None if e.errno == errno.EMLINK else False
+        return False
 
     def clean(self) -> int:
         """Remove what a crash left in the work directory; returns the count."""

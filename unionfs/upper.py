@@ -181,7 +181,7 @@ class Upper:
                 else:
                     os.unlink(name, dir_fd=pfd)
             if whiteout:
-                self.writer.make_whiteout(pfd, name)
+                self._make_whiteout(pfd, name)
         if node.is_dir:
             self.stack.forget_dir(0, (*path, name))
         self.table.unlink_name(parent, name)
@@ -233,8 +233,14 @@ class Upper:
 
     def _work_whiteout(self) -> bytes:
         tmp = self.copyup.temp_name()
-        os.mknod(tmp, stat_mod.S_IFCHR, 0, dir_fd=self.copyup.work_fd)
+        if not self.copyup.link_whiteout(self.copyup.work_fd, tmp):
+            os.mknod(tmp, stat_mod.S_IFCHR, 0, dir_fd=self.copyup.work_fd)
         return tmp
+
+    def _make_whiteout(self, dir_fd: int, name: bytes) -> None:
+        """A whiteout at ``dir_fd/name``: in the kernel format a link of the shared one."""
+        if self.writer.fmt != "kernel" or not self.copyup.link_whiteout(dir_fd, name):
+            self.writer.make_whiteout(dir_fd, name)
 
     def _swap_in(
         self, work: int, tmp: bytes, pfd: int, name: bytes, replacing: bool, is_dir: bool
@@ -406,7 +412,7 @@ class Upper:
         else:
             renameat2(ofd, old, nfd, new, 0)
         if leave_whiteout:
-            self.writer.make_whiteout(ofd, old)
+            self._make_whiteout(ofd, old)
         if self.stack.has_oci_whiteout(0, new_path, new):
             os.unlink(markers.oci_whiteout_name(new), dir_fd=nfd)
         if src.is_dir:

@@ -10,7 +10,7 @@ import pytest
 
 from unionfs import markers
 
-from support import snapshot, unionfs_mount
+from support import kernel_overlay, snapshot, unionfs_mount
 
 
 @pytest.fixture
@@ -324,3 +324,36 @@ def test_renamed_lower_dir_leaves_no_whiteout_in_its_opaque_copy(tmp, unionfs, k
     if fmt == "kernel":  # the same upper, mounted by the kernel
         k = kernel_overlay([lower], upper)
         assert snapshot(k.mnt) == view
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts kernel overlayfs")
+def test_whiteouts_share_one_inode_as_the_kernel_makes_them(layers, tmp_path):
+    """Kernel overlayfs' whiteout sharing: each whiteout of a remove is one more
+    link of a char 0/0 device in the work dir, not a new inode, also over an
+    upper copy (RENAME_EXCHANGE with a work-dir link); a rename away from a
+    lower name leaves its own, made by RENAME_WHITEOUT in the same step.
+    Nothing is left in the work dir after unmount, and the kernel reads the
+    upper as unionfs showed it."""
+    lower, upper, mnt = layers
+    for name in ("a", "b", "c"):
+        (lower / name).write_text(name)
+    with unionfs_mount([lower], upper, mnt):
+        (mnt / "gone").unlink()
+        (mnt / "dir" / "x").unlink()
+        (mnt / "a").write_text("copied up, then removed")
+        (mnt / "a").unlink()
+        (mnt / "b").rename(mnt / "b2")
+        before = snapshot(mnt)
+    work = tmp_path / ".upper.unionfs-work" / "work"
+    assert os.listdir(work) == []
+    sts = [os.lstat(p) for p in (upper / "gone", upper / "dir" / "x", upper / "a")]
+    moved = os.lstat(upper / "b")
+    assert all(markers.is_char_whiteout(st.st_mode, st.st_rdev) for st in [*sts, moved])
+    assert len({st.st_ino for st in sts}) == 1 and sts[0].st_nlink == 3
+    assert set(before) == {"c", "b2", "data", "dir"}
+    kwork = tmp_path / "kwork"
+    kwork.mkdir()
+    kmnt = tmp_path / "kmnt"
+    kmnt.mkdir()
+    with kernel_overlay([lower], upper, kwork, kmnt):
+        assert snapshot(kmnt) == before

@@ -8,11 +8,23 @@ at the next mount) or the complete copy, never a partial file.  Under
 ``-o volatile`` (``durable=False``) the fsync is skipped, as kernel overlayfs
 skips it: still atomic against a killed daemon, not against a power cut.
 
+A regular file is built as kernel overlayfs builds it: an ``O_TMPFILE`` in
+the work directory, filled and given its metadata through its descriptor,
+fsync'd, then linked in under its name (``linkat`` fails if the name is
+taken, as ``RENAME_NOREPLACE``); a crash leaves no leftover at all.  Other
+objects (and file systems without ``O_TMPFILE``) go through a named
+temporary and a rename.  As the kernel, only a copy that moved data is
+fsync'd: an empty file, a metadata-only copy or one about to be truncated
+has nothing a crash could lose, and the journal orders its metadata before
+the link that makes it visible.
+
 Data moves as cheaply as the system allows: a reflink (FICLONE) first, then
 ``copy_file_range`` over the data extents only (SEEK_DATA/SEEK_HOLE), so
-sparse files stay sparse, then a plain read/write loop.  Copies of more than
-``THREAD_THRESHOLD`` bytes run in a worker thread so that the daemon keeps
-answering other requests meanwhile.
+sparse files stay sparse, then a plain read/write loop.  A source file
+system that cannot clone is not asked again, and a file without holes is
+copied without looking for them.  Copies of more than ``THREAD_THRESHOLD``
+bytes run in a worker thread so that the daemon keeps answering other
+requests meanwhile.
 """
 
 from __future__ import annotations
@@ -26,6 +38,7 @@ import os
 import shutil
 import stat as stat_mod
 from collections.abc import Callable
+from typing import Any
 
 import trio
 
@@ -41,16 +54,36 @@ THREAD_THRESHOLD = 1 << 20
 _CHUNK = 1 << 20
 _NOT_PERMITTED_ERRORS = (PermissionError, NotImplementedError)
 _NOT_PERMITTED = (errno.EPERM, errno.EACCES, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EINVAL)
+#: FICLONE errors that hold for every file between the same two file systems.
+_NO_CLONE = (errno.EOPNOTSUPP, errno.ENOTTY, errno.EXDEV, errno.ENOSYS)
+#: O_TMPFILE errors of a file system (or kernel) that has none.
+_NO_TMPFILE = (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL)
+_TMPFILE_FLAGS = os.O_WRONLY | os.O_TMPFILE | os.O_CLOEXEC
 
 
-def copy_data(src: int, dst: int, size: int) -> None:
-    """Copy ``size`` bytes between descriptors, keeping holes as holes."""
-    try:
-        fcntl.ioctl(dst, FICLONE, src)
-        return
-    except OSError:
-        pass
-    off = 0
+def copy_data(src: int, dst: int, size: int, clone: bool = True, holes: bool = True) -> bool:
+    """Copy ``size`` bytes between descriptors, keeping holes as holes.
+
+    ``clone=False`` skips the reflink attempt; ``holes=False`` (the source
+    has as many blocks as bytes) copies the whole range without looking for
+    holes.  Returns whether cloning is still worth trying between these file
+    systems (False once they said they cannot).
+    """
+    if clone:
+        try:
+            fcntl.ioctl(dst, FICLONE, src)
+            return True
+        except OSError as e:
+            clone = e.errno not in _NO_CLONE
+    end = _copy_extents(src, dst, size) if holes else _copy_range(src, dst, 0, size)
+    if end < size:  # a trailing hole, or the source shrank
+        os.ftruncate(dst, size)
+    return clone
+
+
+def _copy_extents(src: int, dst: int, size: int) -> int:
+    """Copy the data extents of ``src`` below ``size``; returns where the data ended."""
+    off = end = 0
     while off < size:
         try:
             start = os.lseek(src, off, os.SEEK_DATA)
@@ -58,15 +91,16 @@ def copy_data(src: int, dst: int, size: int) -> None:
             if e.errno == errno.ENXIO:  # only a hole is left
                 break
             start = off  # no SEEK_DATA support: treat everything as data
-            end = size
+            hole = size
         else:
-            end = min(os.lseek(src, start, os.SEEK_HOLE), size)
-        _copy_range(src, dst, start, end)
-        off = end
-    os.ftruncate(dst, size)
+            hole = min(os.lseek(src, start, os.SEEK_HOLE), size)
+        end = _copy_range(src, dst, start, hole)
+        off = hole
+    return end
 
 
-def _copy_range(src: int, dst: int, start: int, end: int) -> None:
+def _copy_range(src: int, dst: int, start: int, end: int) -> int:
+    """Copy bytes ``start``..``end``; returns where the copy stopped (earlier at EOF)."""
     pos = start
     while pos < end:
         n = min(_CHUNK * 16, end - pos)
@@ -79,13 +113,22 @@ def _copy_range(src: int, dst: int, start: int, end: int) -> None:
         if done == 0:  # not supported here, or source shrank: fall back to read/write
             buf = os.pread(src, min(_CHUNK, end - pos), pos)
             if not buf:
-                return
+                return pos
             done = os.pwrite(dst, buf, pos)
         pos += done
+    return pos
 
 
-def copy_xattrs(src: bytes, dst: bytes, follow: bool = True) -> None:
-    """Copy every non-private xattr (ACLs and capabilities included) that may be set."""
+def may_have_holes(st: os.stat_result) -> bool:
+    """Could the file have holes?  Not if all its bytes have blocks (the usual small file)."""
+    return st.st_blocks * 512 < st.st_size
+
+
+def copy_xattrs(src: bytes | int, dst: bytes | int, follow: bool = True) -> None:
+    """Copy every non-private xattr (ACLs and capabilities included) that may be set.
+
+    ``src`` and ``dst`` are paths or descriptors (then ``follow`` must stay True).
+    """
     try:
         names = os.listxattr(src, follow_symlinks=follow)
     except OSError as e:
@@ -133,6 +176,16 @@ class CopyUp:
         stack.index_fd = self.index_fd
         stack.lower_links_xattr = writer.lower_links_xattr
         self._names = itertools.count()
+        #: Does the work dir's file system make O_TMPFILEs (and let us link them)?
+        self._tmpfile = True
+        #: Lower devices from which a clone to the upper is impossible (no retry).
+        self._no_clone: set[int] = set()
+        #: The whiteout of the work dir that new kernel-format whiteouts are
+        #: hard links of (kernel overlayfs' whiteout sharing); False: not shared.
+        self._whiteout: bytes | bool | None = None
+        #: Where the bytes of data copied up are counted (``unionfs stats`` puts
+        #: its totals here; no stat of the result is needed).
+        self.totals: dict[str, int] = {"bytes": 0}
         self._locks: dict[int, trio.Lock] = {}
         #: Called with (merged path, lower lstat) just before a lower object is
         #: replaced in the upper (copy-up here, whiteout in upper.py): -o
@@ -145,8 +198,44 @@ class CopyUp:
             self.on_replace(path, st)
 
     def close(self) -> None:
+        if isinstance(self._whiteout, bytes):
+            with contextlib.suppress(OSError):
+                os.unlink(self._whiteout, dir_fd=self.work_fd)
         os.close(self.work_fd)
         os.close(self.index_fd)
+
+    def link_whiteout(self, dir_fd: int, name: bytes) -> bool:
+        """Make ``dir_fd/name`` a char 0/0 whiteout as one more link of a shared one.
+
+        As kernel overlayfs (5.8+): a whiteout costs a directory entry, not a
+        new inode each time (a delete of a lower file ~2x cheaper on ext4).
+        A full link count starts a new shared whiteout; False (and not tried
+        again) where links cannot be made, for the caller to mknod one.
+        """
+        for _ in range(2):
+            if self._whiteout is False:
+                return False
+            if self._whiteout is None:
+                tmp = self.temp_name()
+                os.mknod(tmp, stat_mod.S_IFCHR, 0, dir_fd=self.work_fd)
+                self._whiteout = tmp
+            assert isinstance(self._whiteout, bytes)
+            try:
+                os.link(
+                    self._whiteout,
+                    name,
+                    src_dir_fd=self.work_fd,
+                    dst_dir_fd=dir_fd,
+                    follow_symlinks=False,
+                )
+                return True
+            except OSError as e:
+                if e.errno in (errno.EEXIST, errno.ENOENT, errno.ENOSPC, errno.EDQUOT):
+                    raise
+                with contextlib.suppress(OSError):
+                    os.unlink(self._whiteout, dir_fd=self.work_fd)
+                self._whiteout = None if e.errno == errno.EMLINK else False
+        return False
 
     def clean(self) -> int:
         """Remove what a crash left in the work directory; returns the count."""
@@ -178,37 +267,44 @@ class CopyUp:
     # -- metadata --------------------------------------------------------------
 
     def set_meta(
-        self, name: bytes, st: os.stat_result, xattr_src: bytes | None, origin: int | None
+        self,
+        obj: bytes | int,
+        st: os.stat_result,
+        xattr_src: bytes | int | None,
+        origin: int | None,
     ) -> None:
         """Owner, mode, xattrs and times of a work-dir object, in the order that keeps them.
 
-        chown first (it clears setuid bits and capabilities), xattrs next,
-        times last.  When the mounter may not chown (rootless), the object
-        keeps the mounter's ownership; data and mode are kept regardless.
-        ``origin`` is the inode number the merged view showed, recorded so it
-        survives remounts.
+        ``obj`` is the object's name in the work dir, or a descriptor of a
+        regular file (cheaper: no path walk through /proc).  chown first (it
+        clears setuid bits and capabilities), xattrs next, times last.  When
+        the mounter may not chown (rootless), the object keeps the mounter's
+        ownership; data and mode are kept regardless.  ``origin`` is the
+        inode number the merged view showed, recorded so it survives remounts.
         """
-        fd = self.work_fd
         symlink = stat_mod.S_ISLNK(st.st_mode)
+        at: dict[str, Any] = {}
+        path: bytes | int = obj
+        if not isinstance(obj, int):
+            at = {"dir_fd": self.work_fd, "follow_symlinks": False}
+            path = self.work_path(obj)
+        follow = not symlink
         try:
-            os.chown(name, st.st_uid, st.st_gid, dir_fd=fd, follow_symlinks=False)
+            os.chown(obj, st.st_uid, st.st_gid, **at)
         except OSError as e:
             if e.errno not in (errno.EPERM, errno.EINVAL):
                 raise
-        path = self.work_path(name)
         if not symlink:
             os.chmod(path, stat_mod.S_IMODE(st.st_mode))
         if xattr_src is not None:
-            copy_xattrs(xattr_src, path, follow=not symlink)
+            copy_xattrs(xattr_src, path, follow=follow)
         if origin is not None:
             try:
-                os.setxattr(
-                    path, self.writer.origin_xattr, b"%d" % origin, follow_symlinks=not symlink
-                )
+                os.setxattr(path, self.writer.origin_xattr, b"%d" % origin, follow_symlinks=follow)
             except OSError as e:
                 if e.errno not in _NOT_PERMITTED:
                     raise
-        os.utime(name, ns=(st.st_atime_ns, st.st_mtime_ns), dir_fd=fd, follow_symlinks=False)
+        os.utime(obj, ns=(st.st_atime_ns, st.st_mtime_ns), **at)
 
     # -- copy-up ---------------------------------------------------------------
 
@@ -257,8 +353,9 @@ class CopyUp:
             return
         if node.unlinked and node.layer != 0:
             raise OSError(errno.ESTALE, "a deleted lower object cannot be copied up")
-        assert node.parent is not None
-        await self.ensure_dir(node.parent)
+        assert node.parent is not None and node.parent.dir_layers is not None
+        if node.parent.dir_layers[0] != 0:
+            await self.ensure_dir(node.parent)
         async with self._lock(node):
             if node.layer == 0:
                 if node.metacopy and not meta_only:
@@ -302,9 +399,10 @@ class CopyUp:
                         await trio.to_thread.run_sync(copy_data, src, dst, size)
                     else:
                         copy_data(src, dst, size)
+                    self.totals["bytes"] += size
                     if self.durable and big:
                         await trio.to_thread.run_sync(os.fsync, dst)
-                    elif self.durable:
+                    elif self.durable and size:
                         os.fsync(dst)
                 finally:
                     os.close(src)
@@ -354,11 +452,16 @@ class CopyUp:
             return
         # Hard-linked files are copied whole: their copy is shared through the index.
         meta = meta and with_data and not hardlinked and stat_mod.S_ISREG(st.st_mode)
+        data = with_data and not meta
+        linkable = stat_mod.S_ISREG(st.st_mode) and not hardlinked and self._tmpfile
+        if linkable and await self._copy_file_linked(node, src_dir, st, data, meta):
+            node.metacopy = meta
+            return
         tmp = self.temp_name()
         try:
             origin = node.ino
             if stat_mod.S_ISREG(st.st_mode):
-                await self._copy_file(src_dir, name, tmp, st, with_data and not meta, origin, meta)
+                await self._copy_file(src_dir, name, tmp, st, data, origin, meta)
             else:
                 if stat_mod.S_ISLNK(st.st_mode):
                     os.symlink(os.readlink(name, dir_fd=src_dir), tmp, dir_fd=self.work_fd)
@@ -391,6 +494,39 @@ class CopyUp:
             raise
         node.metacopy = meta
 
+    async def _copy_file_linked(
+        self, node: Node, src_dir: int, st: os.stat_result, with_data: bool, meta: bool
+    ) -> bool:
+        """Copy regular file ``node`` as kernel overlayfs does: into an O_TMPFILE of
+        the work dir, then linked in at its name.
+
+        Nothing is left behind by a failure or a crash, and one directory
+        entry fewer is made and removed than through a named temporary.
+        False (and not tried again) when the work dir cannot make one, or the
+        system does not let this daemon link it (a hardened ``protected_hardlinks``).
+        """
+        try:
+            dst = os.open(b".", _TMPFILE_FLAGS, 0o600, dir_fd=self.work_fd)
+        except OSError as e:
+            if e.errno not in _NO_TMPFILE:
+                raise
+            self._tmpfile = False
+            return False
+        try:
+            await self._fill(src_dir, node.name, dst, st, with_data, node.ino, meta)
+            # The parent may have moved while a big copy ran: look it up now.
+            dst_dir = self.stack.dirfd(0, node.dirpath())
+            try:
+                os.link(b"/proc/self/fd/%d" % dst, node.name, dst_dir_fd=dst_dir)
+            except OSError as e:
+                if e.errno != errno.EPERM:
+                    raise
+                self._tmpfile = False
+                return False
+        finally:
+            os.close(dst)
+        return True
+
     async def _copy_file(
         self,
         src_dir: int,
@@ -401,35 +537,57 @@ class CopyUp:
         origin: int | None,
         meta: bool = False,
     ) -> None:
-        """Build the copy of a regular file in the work dir.
+        """Build the copy of a regular file in the work dir, as ``tmp``."""
+        dst = os.open(
+            tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=self.work_fd
+        )
+        try:
+            await self._fill(src_dir, name, dst, st, with_data, origin, meta)
+        finally:
+            os.close(dst)
+
+    async def _fill(
+        self,
+        src_dir: int,
+        name: bytes,
+        dst: int,
+        st: os.stat_result,
+        with_data: bool,
+        origin: int | None,
+        meta: bool,
+    ) -> None:
+        """Give new file ``dst`` the data (unless not ``with_data``) and metadata of
+        ``src_dir/name`` (whose lstat is ``st``), and make it durable.
 
         ``meta``: a metadata-only copy, kernel overlayfs' format: a sparse file
         of the lower's size, marked with the ``overlay.metacopy`` xattr (empty
-        value); its data stays in the lower.
+        value); its data stays in the lower.  Only copied data is fsync'd, as
+        the kernel does: what has no data has nothing a crash could lose.
         """
         src = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=src_dir)
         try:
-            dst = os.open(
-                tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600, dir_fd=self.work_fd
-            )
-            try:
-                if with_data and st.st_size > THREAD_THRESHOLD:
-                    await trio.to_thread.run_sync(copy_data, src, dst, st.st_size)
-                elif with_data:
-                    copy_data(src, dst, st.st_size)
-                elif meta:
-                    os.ftruncate(dst, st.st_size)
-                self.set_meta(tmp, st, b"/proc/self/fd/%d" % src, origin)
-                if meta:
-                    os.setxattr(b"/proc/self/fd/%d" % dst, self.writer.metacopy_xattr, b"")
-                if not self.durable:
-                    return
-                if with_data and st.st_size > THREAD_THRESHOLD:
-                    await trio.to_thread.run_sync(os.fsync, dst)
+            data = with_data and st.st_size > 0
+            big = data and st.st_size > THREAD_THRESHOLD
+            if data:
+                args = (src, dst, st.st_size, st.st_dev not in self._no_clone, may_have_holes(st))
+                if big:
+                    clone = await trio.to_thread.run_sync(copy_data, *args)
                 else:
-                    os.fsync(dst)
-            finally:
-                os.close(dst)
+                    clone = copy_data(*args)
+                self.totals["bytes"] += st.st_size
+                if not clone:
+                    self._no_clone.add(st.st_dev)
+            elif meta:
+                os.ftruncate(dst, st.st_size)
+            self.set_meta(dst, st, src, origin)
+            if meta:
+                os.setxattr(dst, self.writer.metacopy_xattr, b"")
+            if not (self.durable and data):
+                return
+            if big:
+                await trio.to_thread.run_sync(os.fsync, dst)
+            else:
+                os.fsync(dst)
         finally:
             os.close(src)
 

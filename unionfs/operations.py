@@ -535,6 +535,8 @@ class UnionOperations(pyfuse3.Operations):
             try:
                 if self.owners is not None and self.owners.record:
                     self.owners.new_object(dir_fd, n, ctx.uid, gid)
+                elif self.is_root and fd is not None:
+                    os.fchown(fd, ctx.uid, gid)  # no name lookup
                 elif self.is_root:
                     os.chown(n, ctx.uid, gid, dir_fd=dir_fd, follow_symlinks=False)
                 if is_dir and sgid:

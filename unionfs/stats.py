@@ -80,12 +80,14 @@ def instrument(table: Any, stack: Any, copyup: Any | None) -> None:
     stack.fd_counts = COUNTERS.cache("dir_fds")
 
     if copyup is not None:
-        copyup.copy_up = _counted_copy_up(copyup.copy_up, stack)
+        copyup.copy_up = _counted_copy_up(copyup.copy_up, copyup)
 
 
-def _counted_copy_up(copy_up: Callable[..., Any], stack: Any) -> Callable[..., Any]:
-    """Count a copy-up that brought a non-directory into the upper: time and bytes."""
+def _counted_copy_up(copy_up: Callable[..., Any], copyup: Any) -> Callable[..., Any]:
+    """Count a copy-up that brought a non-directory into the upper, and its time;
+    the copier adds the bytes it copied to the same totals."""
     totals = COUNTERS.copyups
+    copyup.totals = totals
 
     @functools.wraps(copy_up)
     async def counted(node: Any, with_data: bool = True, meta_only: bool = False) -> Any:
@@ -95,9 +97,6 @@ def _counted_copy_up(copy_up: Callable[..., Any], stack: Any) -> Callable[..., A
         result = await copy_up(node, with_data, meta_only)
         totals["ns"] += time.perf_counter_ns() - start
         totals["count"] += 1
-        if with_data and not node.metacopy:  # a metadata-only copy moved no data
-            st = stack.lstat(0, node.dirpath(), node.name)
-            totals["bytes"] += st.st_size if st is not None else 0
         return result
 
     return counted

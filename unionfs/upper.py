@@ -80,32 +80,53 @@ class Upper:
         await self.copyup.ensure_dir(parent)
         path = parent.path()
         pfd = self.stack.dirfd(0, path)
+        fd = None
+        made = False
+        if not is_dir:
+            # The usual case, a free name: every maker is exclusive (O_EXCL, mknod,
+            # symlink, link), so try it first and look at the name only if taken.
+            try:
+                fd = make(pfd, name)
+                made = True
+            except FileExistsError:
+                pass
+        oci_wh = self.stack.has_oci_whiteout(0, path, name)
+        if not made:
+            fd = self._make_over(parent, name, make, is_dir, oci_wh)
+        if oci_wh:
+            os.unlink(markers.oci_whiteout_name(name), dir_fd=pfd)
+        return fd
+
+    def _make_over(
+        self, parent: Node, name: bytes, make: Maker, is_dir: bool, oci_wh: bool
+    ) -> int | None:
+        """Make ``parent/name`` where the upper has nothing or a whiteout (or, for a
+        directory, where a lower one must stay hidden): built in the work dir and
+        swapped in unless the name is simply free."""
+        path = parent.path()
+        pfd = self.stack.dirfd(0, path)
         st = self.stack.lstat(0, path, name)
         if st is not None and not markers.is_char_whiteout(st.st_mode, st.st_rdev):
             raise OSError(errno.EEXIST, "exists in the upper")
-        oci_wh = self.stack.has_oci_whiteout(0, path, name)
         if st is None and not (is_dir and (oci_wh or self.lower_has(parent, name))):
-            fd = make(pfd, name)
-        else:
-            nest = self._nest_with_default_acl(path)
-            work = self.copyup.work_fd if nest is None else nest[0]
-            tmp = self.copyup.temp_name()
+            return make(pfd, name)
+        nest = self._nest_with_default_acl(path)
+        work = self.copyup.work_fd if nest is None else nest[0]
+        tmp = self.copyup.temp_name()
+        try:
+            fd = make(work, tmp)
             try:
-                fd = make(work, tmp)
-                try:
-                    self._swap_in(work, tmp, pfd, name, replacing=st is not None, is_dir=is_dir)
-                except BaseException:
-                    if fd is not None:
-                        os.close(fd)
-                    if nest is None:
-                        self._remove_work(tmp)
-                    raise
-            finally:
-                if nest is not None:
-                    os.close(nest[0])
-                    self._remove_work(nest[1])
-        if oci_wh:
-            os.unlink(markers.oci_whiteout_name(name), dir_fd=pfd)
+                self._swap_in(work, tmp, pfd, name, replacing=st is not None, is_dir=is_dir)
+            except BaseException:
+                if fd is not None:
+                    os.close(fd)
+                if nest is None:
+                    self._remove_work(tmp)
+                raise
+        finally:
+            if nest is not None:
+                os.close(nest[0])
+                self._remove_work(nest[1])
         return fd
 
     @changes_upper
@@ -136,12 +157,16 @@ class Upper:
             raise OSError(errno.ENOTEMPTY, "directory not empty")
         await self.copyup.ensure_dir(parent)
         path = parent.path()
-        in_upper = node.layer == 0
+        layer = node.layer
+        # The lower object, looked at once: hard links, the whiteout, identities.
+        below = None if layer == 0 else self.stack.lstat(layer, path, name)
+        in_upper = layer == 0
         if not node.is_dir:
-            in_upper = await self._up_if_hard_linked(node, parent, name)
-        gone = self.stack.lstat(node.layer, path, name)
+            in_upper = await self._up_if_hard_linked(node, parent, name, below)
+        gone = below if node.layer == layer != 0 else self.stack.lstat(node.layer, path, name)
         pfd = self.stack.dirfd(0, path)
-        whiteout = self.lower_has(parent, name)
+        # A lower object shown at this name: the lowers have it, no need to look.
+        whiteout = (layer != 0 and below is not None) or self.lower_has(parent, name)
         if whiteout and not in_upper and gone is not None:
             self.copyup.replaced((*path, name), gone)  # copied-up objects were recorded then
         if in_upper and whiteout and self.writer.fmt == "kernel":
@@ -156,24 +181,28 @@ class Upper:
                 else:
                     os.unlink(name, dir_fd=pfd)
             if whiteout:
-                self.writer.make_whiteout(pfd, name)
+                self._make_whiteout(pfd, name)
         if node.is_dir:
             self.stack.forget_dir(0, (*path, name))
         self.table.unlink_name(parent, name)
         await self._detach(node, parent, name, gone)
         return node
 
-    async def _up_if_hard_linked(self, node: Node, parent: Node, name: bytes) -> bool:
+    async def _up_if_hard_linked(
+        self, node: Node, parent: Node, name: bytes, below: os.stat_result | None = None
+    ) -> bool:
         """Is non-directory ``parent/name`` in the upper, once linked up if needed?
 
         One name of a lower file with several is linked up to the (indexed)
         copy before it is removed or replaced, as overlayfs' index=on does, so
-        that the other names count one link less once it is gone.
+        that the other names count one link less once it is gone.  ``below``:
+        the lstat of the node's lower object, if the caller has it.
         """
         path = parent.path()
         if self.stack.lstat(0, path, name) is not None:
             return True
-        below = None if node.layer == 0 else self.stack.lstat(node.layer, path, name)
+        if below is None and node.layer != 0:
+            below = self.stack.lstat(node.layer, path, name)
         if node.layer == 0 or (below is not None and below.st_nlink > 1):
             await self.link_alias(parent, name, node)
             return True
@@ -204,8 +233,14 @@ class Upper:
 
     def _work_whiteout(self) -> bytes:
         tmp = self.copyup.temp_name()
-        os.mknod(tmp, stat_mod.S_IFCHR, 0, dir_fd=self.copyup.work_fd)
+        if not self.copyup.link_whiteout(self.copyup.work_fd, tmp):
+            os.mknod(tmp, stat_mod.S_IFCHR, 0, dir_fd=self.copyup.work_fd)
         return tmp
+
+    def _make_whiteout(self, dir_fd: int, name: bytes) -> None:
+        """A whiteout at ``dir_fd/name``: in the kernel format a link of the shared one."""
+        if self.writer.fmt != "kernel" or not self.copyup.link_whiteout(dir_fd, name):
+            self.writer.make_whiteout(dir_fd, name)
 
     def _swap_in(
         self, work: int, tmp: bytes, pfd: int, name: bytes, replacing: bool, is_dir: bool
@@ -377,7 +412,7 @@ class Upper:
         else:
             renameat2(ofd, old, nfd, new, 0)
         if leave_whiteout:
-            self.writer.make_whiteout(ofd, old)
+            self._make_whiteout(ofd, old)
         if self.stack.has_oci_whiteout(0, new_path, new):
             os.unlink(markers.oci_whiteout_name(new), dir_fd=nfd)
         if src.is_dir:

@@ -164,7 +164,8 @@ class _Client:
         if self.status < 0:  # killed: so is this stand-in, as a shell would report it
             import signal
 
-            signal.signal(-self.status, signal.SIG_DFL)
+            with contextlib.suppress(OSError, ValueError):  # SIGKILL has no handler to reset
+                signal.signal(-self.status, signal.SIG_DFL)
             os.kill(os.getpid(), -self.status)
             return 128 - self.status
         return self.status

@@ -476,6 +476,15 @@ def _ask(path: str, request: bytes, timeout: float = 5.0) -> bytes | None:
         s.close()
 
 
+def _until_gone(path: str, timeout: float = 5.0) -> None:
+    """Wait until the server no longer accepts (a ``start`` right after then starts anew)."""
+    import time
+
+    end = time.monotonic() + timeout
+    while _ask(path, b"STATUS", timeout=1.0) is not None and time.monotonic() < end:
+        time.sleep(0.01)
+
+
 def preimport() -> None:
     """Everything a mount imports, imported once here (the point of the server)."""
     import logging.handlers  # noqa: F401  a background daemon's syslog
@@ -566,6 +575,7 @@ def main(prog: str, argv: list[str]) -> int:
             print("not running")
             return 0
         print((_ask(path, b"STOP") or b"stopped").decode())
+        _until_gone(path)
         return 0
     if reply is not None or path is None:
         print(f"already {reply.decode()}")

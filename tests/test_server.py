@@ -305,3 +305,25 @@ def test_request_round_trip() -> None:
     assert env == dict(os.environb)
     with pytest.raises(ValueError):
         server.decode_request(b"MOUNT\0x\0y\x005\0a")
+
+
+def test_idle_server_exits_by_itself(tmp_path: Path) -> None:
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime)}
+    r = subprocess.run([*UNIONFS, "server", "start", "--idle", "0.3"], env=env, timeout=60)
+    assert r.returncode == 0
+    sock = runtime / "unionfs" / server.SOCKET_NAME
+    assert sock.exists()
+    assert wait_for(lambda: not sock.exists())
+    status = [*UNIONFS, "server", "status"]
+    assert wait_for(lambda: subprocess.run(status, env=env, capture_output=True).returncode == 3)
+
+
+def test_fingerprint_sees_a_changed_module(tmp_path: Path) -> None:
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "m.py").write_text("x = 1\n")
+    before = server._fingerprint(str(tmp_path))
+    assert before == server._fingerprint(str(tmp_path))
+    (tmp_path / "sub" / "m.py").write_text("x = 22\n")
+    assert server._fingerprint(str(tmp_path)) != before

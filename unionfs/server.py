@@ -192,6 +192,7 @@ class Server:
         self.path = path
         self.idle = idle
         self.pid = os.getpid()
+        os.close(os.pidfd_open(self.pid))  # Linux 5.3+: without pidfds, no server (OSError)
         self.top = os.path.dirname(os.path.abspath(__file__))
         self.fingerprint = _fingerprint(self.top)
         #: pidfd -> (pid, connection to its client)
@@ -524,8 +525,8 @@ def start(path: str, idle: float) -> int:
             return 0
         os.environ.pop(GUARD, None)
         preimport()
-        server = Server(path, idle)
         try:
+            server = Server(path, idle)
             server.bind()
         except OSError as e:
             os.write(w, f"cannot listen at {path}: {e.strerror}".encode())

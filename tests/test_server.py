@@ -327,3 +327,21 @@ def test_fingerprint_sees_a_changed_module(tmp_path: Path) -> None:
     assert before == server._fingerprint(str(tmp_path))
     (tmp_path / "sub" / "m.py").write_text("x = 22\n")
     assert server._fingerprint(str(tmp_path)) != before
+
+
+def test_two_starts_at_once_make_one_server(tmp_path: Path) -> None:
+    runtime = tmp_path / "run"
+    runtime.mkdir(mode=0o700)
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(runtime)}
+    argv = [*UNIONFS, "server", "start", "--idle", "120"]  # Running's: guarded() finds both
+    starts = [subprocess.Popen(argv, env=env) for _ in range(3)]
+    assert [p.wait(timeout=60) for p in starts] == [0, 0, 0]
+    running = Running(env)
+    others = guarded(running)
+    try:
+        assert others == []  # no second server
+    finally:
+        for pid in others:
+            os.kill(pid, signal.SIGTERM)
+        running.unionfs("server", "stop")
+        assert wait_for(lambda: not alive(running.pid))

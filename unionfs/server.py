@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import array
 import contextlib
+import errno
 import os
 import sys
 
@@ -199,19 +200,24 @@ class Server:
         self.children: dict[int, tuple[int, socket.socket]] = {}
         self.listener: socket.socket | None = None
         self.inode = 0
+        self.lock = -1
         self.stopping = False
         self._wake_r, self._wake_w = socket.socketpair()
 
     def bind(self) -> None:
-        """Listen at ``path``; a stale socket (nobody answers) is replaced."""
+        """Listen at ``path``, holding ``path.lock`` for life: of two servers started at
+        once, one fails (EWOULDBLOCK); a stale socket (its server gone) is replaced."""
+        import fcntl
+
+        self.lock = os.open(self.path + ".lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        fcntl.flock(self.lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         s = self.socket.socket(self.socket.AF_UNIX, self.socket.SOCK_SEQPACKET)
         try:
             s.bind(self.path)
-        except OSError:
-            if _ask(self.path, b"STATUS") is not None:
-                s.close()
+        except OSError as e:
+            if e.errno != errno.EADDRINUSE:
                 raise
-            os.unlink(self.path)
+            os.unlink(self.path)  # we hold the lock: its server is gone
             s.bind(self.path)
         s.listen(64)
         self.inode = os.lstat(self.path).st_ino
@@ -232,11 +238,13 @@ class Server:
                 self._close_listener()
             if self.listener is None and not self.children:
                 return
-            fds = [self._wake_r.fileno(), *self.children]
+            poller = select.poll()  # not select(): a busy server holds more than 1024 fds
+            for fd in [self._wake_r.fileno(), *self.children]:
+                poller.register(fd, select.POLLIN)
             if self.listener is not None:
-                fds.append(self.listener.fileno())
+                poller.register(self.listener.fileno(), select.POLLIN)
             timeout = None if self.children else max(0.0, last + self.idle - time.monotonic())
-            ready = select.select(fds, [], [], timeout)[0]
+            ready = [fd for fd, _ in poller.poll(None if timeout is None else timeout * 1000)]
             if not ready and not self.children:
                 self.stopping = True  # idle
                 continue
@@ -414,6 +422,7 @@ class Server:
             self.listener.close()
         self._wake_r.close()
         self._wake_w.close()
+        os.close(self.lock)  # a daemon must not keep the next server from starting
         for pidfd, (_, other) in self.children.items():
             os.close(pidfd)
             other.close()
@@ -523,11 +532,13 @@ def start(path: str, idle: float) -> int:
         if os.fork():  # not a session leader: it can never get a terminal
             code = 0
             return 0
-        os.environ.pop(GUARD, None)
         preimport()
         try:
             server = Server(path, idle)
             server.bind()
+        except BlockingIOError:  # the lock: another server is starting or running
+            os.write(w, b"OK another server runs")
+            return 1
         except OSError as e:
             os.write(w, f"cannot listen at {path}: {e.strerror}".encode())
             return 1

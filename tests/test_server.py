@@ -345,3 +345,24 @@ def test_two_starts_at_once_make_one_server(tmp_path: Path) -> None:
             os.kill(pid, signal.SIGTERM)
         running.unionfs("server", "stop")
         assert wait_for(lambda: not alive(running.pid))
+
+
+def test_client_descriptors_at_any_number(srv: Running, tmp_path: Path) -> None:
+    """Inherited descriptors at the numbers the server's own use (its connection, the
+    received ones: all small) reach the daemon as they were, and the mount still works."""
+    numbers = range(3, 20)  # bash: dash opens only single-digit ones
+    opens = " ".join(f"{n}</dev/null" for n in numbers)
+    argv = ["bash", "-c", f'exec "$@" {opens}', "bash", MOUNT, "-f", *branches(tmp_path)]
+    client = subprocess.Popen(argv, env=srv.env)
+    try:
+        assert wait_for(lambda: (tmp_path / "mnt" / "f").exists())
+        (daemon,) = guarded(srv)
+        for n in numbers:
+            assert os.readlink(f"/proc/{daemon}/fd/{n}") == "/dev/null"
+        client.send_signal(signal.SIGTERM)
+        assert client.wait(timeout=30) == 0
+    finally:
+        if client.poll() is None:
+            client.kill()
+            client.wait()
+    assert not mounted(tmp_path / "mnt")

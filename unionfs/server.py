@@ -428,14 +428,13 @@ class Server:
             other.close()
         os.setsid()
         cwd, ready, *inherited = received
-        _place(inherited, numbers)
+        cwd, ready, lifeline = _place(inherited, numbers, keep=[cwd, ready, conn.detach()])
         os.fchdir(cwd)
         os.close(cwd)
         os.environb.clear()
         os.environb.update(env)
         os.environ[GUARD] = str(self.pid)
         sys.argv = ["unionfs-mount", *argv]
-        lifeline = conn.detach()
         os.set_blocking(lifeline, True)
 
         def detach() -> int:
@@ -452,22 +451,28 @@ class Server:
         return cli.main(argv, detach=detach, lifelines=[lifeline])
 
 
-def _place(fds: list[int], numbers: list[int]) -> None:
-    """Put each received descriptor at the number the client had it at (inheritable).
+def _place(fds: list[int], numbers: list[int], keep: list[int]) -> list[int]:
+    """Put each received descriptor at the number the client had it at (inheritable);
+    move the ``keep`` ones out of the way; return their new numbers.
 
-    Two passes: first all above every target, so that no dup2 closes a
-    received descriptor still to be placed.
+    Everything is first moved above every target number, so that no dup2
+    closes a descriptor still needed (the connection, a received one not yet
+    placed): the client's numbers may be any.
     """
     import fcntl
 
-    low = max([*numbers, *fds, 2]) + 1
-    moved = []
-    for fd in fds:
-        moved.append(fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, low))
+    low = max([*numbers, 2]) + 1
+
+    def above(fd: int) -> int:
+        new = fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, low)
         os.close(fd)
-    for fd, number in zip(moved, numbers, strict=True):
+        return new
+
+    kept = [above(fd) for fd in keep]
+    for fd, number in zip([above(fd) for fd in fds], numbers, strict=True):
         os.dup2(fd, number)  # inheritable, as after an exec
         os.close(fd)
+    return kept
 
 
 def _ask(path: str, request: bytes, timeout: float = 5.0) -> bytes | None:

@@ -155,9 +155,11 @@ def test_background_mount_is_forked_by_the_server(srv: Running, tmp_path: Path) 
 
 
 @contextlib.contextmanager
-def foreground(srv: Running, tmp_path: Path) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
+def foreground(
+    srv: Running, tmp_path: Path, wrapper: tuple[str, ...] = ()
+) -> Iterator[tuple[subprocess.Popen[bytes], int]]:
     """``unionfs-mount -f`` through the server, once it answers: the client and the daemon."""
-    client = subprocess.Popen([MOUNT, "-f", *branches(tmp_path)], env=srv.env)
+    client = subprocess.Popen([*wrapper, MOUNT, "-f", *branches(tmp_path)], env=srv.env)
     try:
         assert wait_for(lambda: (tmp_path / "mnt" / "f").exists())
         (daemon,) = guarded(srv)
@@ -352,17 +354,10 @@ def test_client_descriptors_at_any_number(srv: Running, tmp_path: Path) -> None:
     received ones: all small) reach the daemon as they were, and the mount still works."""
     numbers = range(3, 20)  # bash: dash opens only single-digit ones
     opens = " ".join(f"{n}</dev/null" for n in numbers)
-    argv = ["bash", "-c", f'exec "$@" {opens}', "bash", MOUNT, "-f", *branches(tmp_path)]
-    client = subprocess.Popen(argv, env=srv.env)
-    try:
-        assert wait_for(lambda: (tmp_path / "mnt" / "f").exists())
-        (daemon,) = guarded(srv)
+    wrapper = ("bash", "-c", f'exec "$@" {opens}', "bash")
+    with foreground(srv, tmp_path, wrapper) as (client, daemon):
         for n in numbers:
             assert os.readlink(f"/proc/{daemon}/fd/{n}") == "/dev/null"
         client.send_signal(signal.SIGTERM)
         assert client.wait(timeout=30) == 0
-    finally:
-        if client.poll() is None:
-            client.kill()
-            client.wait()
     assert not mounted(tmp_path / "mnt")

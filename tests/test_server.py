@@ -361,3 +361,17 @@ def test_client_descriptors_at_any_number(srv: Running, tmp_path: Path) -> None:
         client.send_signal(signal.SIGTERM)
         assert client.wait(timeout=30) == 0
     assert not mounted(tmp_path / "mnt")
+
+
+def test_server_killed_under_a_foreground_mount(srv: Running, tmp_path: Path) -> None:
+    """The daemon outlives a killed server; the client still stops it, and says the status
+    is unknown (no one reaps the daemon for it now)."""
+    with foreground(srv, tmp_path) as (client, daemon):
+        os.kill(srv.pid, signal.SIGKILL)
+        assert wait_for(lambda: not alive(srv.pid))
+        Path(srv.env["XDG_RUNTIME_DIR"], "unionfs", server.SOCKET_NAME).unlink()  # stale now
+        assert (tmp_path / "mnt" / "f").read_text() == "lower"  # still served
+        client.send_signal(signal.SIGTERM)
+        assert client.wait(timeout=30) == 1
+        assert wait_for(lambda: not alive(daemon))
+    assert not mounted(tmp_path / "mnt")

@@ -21,6 +21,9 @@ import sys
 
 from . import server
 
+#: Seconds to wait for the server's first reply (it forks at once) before mounting here.
+FIRST_REPLY = 30.0
+
 
 def main(argv: list[str] | None = None) -> int:
     args = sys.argv[1:] if argv is None else argv
@@ -87,11 +90,13 @@ def via_server(argv: list[str]) -> int | None:
     ready_r, ready_w = os.pipe()
     try:
         fds = server.fd_array([cwd, ready_w, *inherited])
+        s.settimeout(FIRST_REPLY)  # a stopped (SIGSTOP) server: mount here instead
         s.sendmsg(
             [server.encode_request(argv, inherited)],
             [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)],
         )
         first = s.recv(4096)
+        s.settimeout(None)
     except OSError:
         first = b""
     finally:
@@ -158,7 +163,13 @@ class _Client:
         if msg:
             print(f"unionfs-mount: {msg}", file=sys.stderr)
             return 1
-        if self.detached or self.status is None:
+        if self.status is None:  # killed with it: reparented daemons report to no one
+            print(
+                "unionfs-mount: the start server ended: the daemon's status is unknown",
+                file=sys.stderr,
+            )
+            return 1
+        if self.detached:
             print("unionfs-mount: daemon exited during start-up", file=sys.stderr)
             return 1
         if self.status < 0:  # killed: so is this stand-in, as a shell would report it

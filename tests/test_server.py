@@ -375,3 +375,29 @@ def test_server_killed_under_a_foreground_mount(srv: Running, tmp_path: Path) ->
         assert client.wait(timeout=30) == 1
         assert wait_for(lambda: not alive(daemon))
     assert not mounted(tmp_path / "mnt")
+
+
+def test_python_api_through_the_server(
+    srv: Running, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """unionfs.mount runs the launcher with --ready-fd and --parent-fd: the client must
+    not keep them open (the API waits for the ready pipe's end of file)."""
+    import unionfs
+
+    monkeypatch.setenv("XDG_RUNTIME_DIR", srv.env["XDG_RUNTIME_DIR"])
+    monkeypatch.delenv(server.DISABLE, raising=False)
+    m = unionfs.mount(
+        [tmp_path / "low"],
+        tmp_path / "up",
+        tmp_path / "mnt",
+        workdir=tmp_path / "work",
+        start_timeout=20,
+    )
+    try:
+        assert (tmp_path / "mnt" / "f").read_text() == "lower"
+        (daemon,) = guarded(srv)
+        assert daemon != m.pid
+    finally:
+        assert m.unmount() == 0
+    assert not mounted(tmp_path / "mnt")
+    assert wait_for(lambda: not alive(daemon))

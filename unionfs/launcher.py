@@ -106,6 +106,9 @@ def via_server(argv: list[str]) -> int | None:
         os.close(ready_r)
         s.close()
         return None  # declined, or gone before forking: nothing was started
+    for fd in inherited:
+        if fd > 2:  # the daemon's now, as after an exec: a ready pipe must see its EOF
+            os.close(fd)
     return _Client(s, ready_r, int(first[4:])).wait()
 
 

@@ -401,3 +401,32 @@ def test_python_api_through_the_server(
         assert m.unmount() == 0
     assert not mounted(tmp_path / "mnt")
     assert wait_for(lambda: not alive(daemon))
+
+
+@pytest.mark.parametrize(
+    ("messages", "started", "pid"),
+    [
+        ([b"PID 7"], True, 7),
+        ([b"DETACHED", b"PID 8"], True, 8),  # the child ran ahead of the server's reply
+        ([b"DETACHED"], True, None),  # then the server died: still never a second start
+        ([b"NO another user"], False, None),
+        ([], False, None),  # the server closed without an answer
+    ],
+)
+def test_client_reads_the_answer_in_any_order(
+    messages: list[bytes], started: bool, pid: int | None
+) -> None:
+    import socket
+
+    from unionfs import launcher
+
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    for m in messages:
+        theirs.send(m)
+    theirs.close()
+    client = launcher._Client(ours, -1)
+    try:
+        assert client.started() is started
+        assert client.pid == pid
+    finally:
+        ours.close()

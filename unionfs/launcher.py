@@ -82,12 +82,13 @@ def via_server(argv: list[str]) -> int | None:
     try:
         inherited = _inheritable_fds()
         if len(inherited) > server.MAX_FDS:
-            return None
+            raise OSError("too many descriptors to pass")
         cwd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     except OSError:
         s.close()
         return None
     ready_r, ready_w = os.pipe()
+    client = _Client(s, ready_r)
     try:
         fds = server.fd_array([cwd, ready_w, *inherited])
         s.settimeout(FIRST_REPLY)  # a stopped (SIGSTOP) server: mount here instead
@@ -95,34 +96,46 @@ def via_server(argv: list[str]) -> int | None:
             [server.encode_request(argv, inherited)],
             [(_socket.SOL_SOCKET, _socket.SCM_RIGHTS, fds)],
         )
-        first = s.recv(4096)
+        started = client.started()
         s.settimeout(None)
     except OSError:
-        first = b""
+        started = client.pid is not None or client.detached
     finally:
         os.close(cwd)
         os.close(ready_w)
-    if not first.startswith(b"PID "):
+    if not started:
         os.close(ready_r)
         s.close()
         return None  # declined, or gone before forking: nothing was started
     for fd in inherited:
         if fd > 2:  # the daemon's now, as after an exec: a ready pipe must see its EOF
             os.close(fd)
-    return _Client(s, ready_r, int(first[4:])).wait()
+    return client.wait()
 
 
 class _Client:
     """The waiting side of a mount started by the server: ``cli._daemonize``'s parent
     for a background daemon, the daemon's stand-in for a foreground one."""
 
-    def __init__(self, conn: object, ready: int, pid: int) -> None:
+    def __init__(self, conn: object, ready: int) -> None:
         self.conn = conn
         self.ready = ready
-        self.pid = pid
+        self.pid: int | None = None
+        self.declined = False
         self.detached = False
         self.status: int | None = None
         self.server_gone = False
+
+    def started(self) -> bool:
+        """Read the server's answer: True once a daemon was forked, False if declined
+        (or the server went away before forking: nothing runs, mount here).
+
+        The child may say DETACHED before the server's PID reaches us: a daemon
+        that runs must never be followed by a second start here.
+        """
+        while self.pid is None and self._message() and not self.declined:
+            pass
+        return self.pid is not None or self.detached
 
     def wait(self) -> int:
         import select
@@ -156,6 +169,11 @@ class _Client:
             return False
         if data == b"DETACHED":
             self.detached = True
+        elif data.startswith(b"PID "):
+            self.pid = int(data[4:])
+        elif data.startswith(b"NO "):
+            self.declined = True
+            return False
         elif data.startswith(b"EXIT "):
             self.status = int(data[5:])
             return False
@@ -186,8 +204,9 @@ class _Client:
 
     def _forward(self, signum: int, frame: object) -> None:
         """The daemon is in the server's session: pass it what this process gets."""
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, signum)
+        if self.pid is not None:  # none yet: only while the server's reply is on its way
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(self.pid, signum)
 
 
 if __name__ == "__main__":

@@ -298,7 +298,12 @@ class Daemon:
             msg = "OK"
             set_read_ahead(st.st_dev, self.cfg.read_ahead_kb)
         if ready_fd is not None:
-            os.write(ready_fd, msg.encode())
+            try:
+                os.write(ready_fd, msg.encode())
+            except OSError as e:  # the waiter is gone (interrupted): serve on regardless
+                log.warning(
+                    "could not report %r to the one that started the mount: %s", msg, e.strerror
+                )
             os.close(ready_fd)
 
     def serve(self, ready_fd: int | None = None) -> None:

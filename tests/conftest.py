@@ -14,6 +14,7 @@ test end, an unprivileged user, root-only skips and a leak check for the session
 - Tests marked ``oracle`` or ``root`` are skipped unless run as root.
 - At session end no mount may remain and no unionfs daemon may still run
   below the session's scratch dirs or pytest's tmp_path base.
+- ``UNIONFS_NO_SERVER=1``: no mount goes through a user's start server.
 """
 
 from __future__ import annotations
@@ -38,6 +39,11 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 
 import support
+
+# Every daemon the suite starts is exec'd, whether or not the user has a start server
+# (unionfs/server.py) running: tests find daemons by PID and command line.
+# tests/test_server.py runs servers of its own, with this removed.
+os.environ["UNIONFS_NO_SERVER"] = "1"
 from support import User
 
 TEST_USER = "unionfs-test"

@@ -119,6 +119,42 @@ def test_daemon_returns_when_mounted_and_exits_after_unmount(dirs):
     assert not daemon_pids(mnt), "the daemon must exit after fusermount3 -u"
 
 
+def wait_mounted(proc: subprocess.Popen[bytes], mnt: Path) -> None:
+    """Until ``mnt`` is in the mount table; fails if the daemon ends or 20 s pass."""
+    deadline = time.monotonic() + 20
+    while not mounted(mnt):
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+        assert time.monotonic() < deadline, "mount did not appear"
+        time.sleep(0.05)
+
+
+def test_mount_serves_on_when_the_one_waiting_is_gone(dirs):
+    """The ready pipe's reader ended before the mount answered (a Ctrl-C of the waiting
+    command): the report fails with EPIPE, and the daemon serves on instead of dying
+    with the mount left dead (ENOTCONN)."""
+    mnt = dirs / "mnt"
+    r, w = os.pipe()
+    proc = subprocess.Popen(
+        [*CMD, "-f", "--ready-fd", str(w), f"{dirs}/l1", f"{dirs}/up", str(mnt)],
+        pass_fds=(w,),
+        stderr=subprocess.PIPE,
+    )
+    os.close(w)
+    os.close(r)  # before the daemon could possibly report
+    try:
+        wait_mounted(proc, mnt)
+        time.sleep(0.5)  # the report has been tried by now
+        assert (mnt / "f").read_text() == "one"
+        assert proc.poll() is None
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+        assert not mounted(mnt)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_foreground_signal_unmounts_cleanly(dirs, sig):
     mnt = dirs / "mnt"
@@ -128,11 +164,7 @@ def test_foreground_signal_unmounts_cleanly(dirs, sig):
         stderr=subprocess.PIPE,
     )
     try:
-        deadline = time.monotonic() + 20
-        while not mounted(mnt):
-            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-            assert time.monotonic() < deadline, "mount did not appear"
-            time.sleep(0.05)
+        wait_mounted(proc, mnt)
         assert (mnt / "f").read_text() == "one"
         proc.send_signal(sig)
         assert proc.wait(timeout=15) == 0

@@ -98,11 +98,13 @@ def mount_command(
 ) -> list[str]:
     """The daemon's argument vector: ``unionfs-mount -f --ready-fd N ...`` of this package.
 
-    Run as ``python -P -m unionfs.cli`` with this interpreter, so that the
+    Run as ``python -P -m unionfs.launcher`` with this interpreter, so that the
     daemon is the same unionfs as the caller's whatever PATH says (``-P``: not
-    one in the caller's working directory).
+    one in the caller's working directory).  The launcher is ``unionfs-mount``:
+    with a start server running (``unionfs server start``) the PID is its
+    client, which passes signals on and whose end unmounts, as the daemon's.
     """
-    cmd = [sys.executable, "-P", "-m", "unionfs.cli", "-f", "--ready-fd", str(ready_fd)]
+    cmd = [sys.executable, "-P", "-m", "unionfs.launcher", "-f", "--ready-fd", str(ready_fd)]
     if parent_fd is not None:
         cmd += ["--parent-fd", str(parent_fd)]
     if debug:

@@ -16,6 +16,7 @@ import os
 import resource
 import signal
 import sys
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import pyfuse3
@@ -184,9 +185,13 @@ def _setup_logging(cfg: MountConfig, daemon: bool) -> None:
 class Daemon:
     """One mounted union: builds the operations, serves, and tears down."""
 
-    def __init__(self, cfg: MountConfig, parent_fd: int | None = None) -> None:
+    def __init__(
+        self, cfg: MountConfig, parent_fd: int | None = None, lifelines: Sequence[int] = ()
+    ) -> None:
         self.cfg = cfg
-        self.parent_fd = parent_fd
+        #: Descriptors whose end of file means the supervisor ended: ``--parent-fd``,
+        #: and a start server's connection to its client (unionfs/server.py).
+        self.lifelines = [fd for fd in (parent_fd, *lifelines) if fd is not None]
         self.stopped_by_signal = False
 
     def mount(self) -> None:
@@ -259,8 +264,8 @@ class Daemon:
                 nursery.start_soon(LowerWatch(self.ops).run)
             nursery.start_soon(self._watch_signals)
             nursery.start_soon(self._when_ready, ready_fd)
-            if self.parent_fd is not None:
-                nursery.start_soon(self._watch_parent, self.parent_fd)
+            for fd in self.lifelines:
+                nursery.start_soon(self._watch_parent, fd)
             try:
                 await pyfuse3.main()
             except* ConnectionAbortedError:
@@ -293,7 +298,12 @@ class Daemon:
             msg = "OK"
             set_read_ahead(st.st_dev, self.cfg.read_ahead_kb)
         if ready_fd is not None:
-            os.write(ready_fd, msg.encode())
+            try:
+                os.write(ready_fd, msg.encode())
+            except OSError as e:  # the waiter is gone (interrupted): serve on regardless
+                log.warning(
+                    "could not report %r to the one that started the mount: %s", msg, e.strerror
+                )
             os.close(ready_fd)
 
     def serve(self, ready_fd: int | None = None) -> None:
@@ -366,7 +376,7 @@ def set_read_ahead(dev: int, kib: int | None) -> None:
         log.debug("read_ahead_kb not set: %s", e.strerror)
 
 
-def _daemonize() -> int | None:
+def _daemonize() -> int:
     """Fork; the parent waits for the child's first message and exits with it.
 
     Returns the write end of the status pipe in the child.
@@ -394,7 +404,18 @@ def _daemonize() -> int | None:
     return w
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(
+    argv: list[str] | None = None,
+    detach: Callable[[], int] | None = None,
+    lifelines: Sequence[int] = (),
+) -> int:
+    """Mount as ``unionfs-mount`` does; returns the exit status.
+
+    A start server's child (unionfs/server.py) gives ``detach``, its
+    replacement for ``_daemonize`` (its client waits instead of a parent), and
+    ``lifelines``, its connection to the client: a foreground daemon unmounts
+    when the client ends; a background one closes them.
+    """
     args = _parser().parse_args(sys.argv[1:] if argv is None else argv)
     given_fd = None
     try:
@@ -418,9 +439,15 @@ def main(argv: list[str] | None = None) -> int:
     # New objects get exactly the mode the kernel sends, less the caller's umask
     # (operations.py), never the daemon's own.
     os.umask(0)
-    ready_fd = given_fd if cfg.foreground else _daemonize()
+    if cfg.foreground:
+        ready_fd = given_fd
+    else:
+        ready_fd = (detach or _daemonize)()
+        for fd in lifelines:
+            os.close(fd)
+        lifelines = ()
     _setup_logging(cfg, daemon=not cfg.foreground)
-    daemon = Daemon(cfg, parent_fd)
+    daemon = Daemon(cfg, parent_fd, lifelines)
     try:
         if cfg.workdir is not None:
             os.makedirs(cfg.workdir, mode=0o700, exist_ok=True)

@@ -31,7 +31,7 @@ class Subcommand(NamedTuple):
 
 #: The subcommands, in the order ``unionfs --help`` lists them.
 SUBCOMMANDS: dict[str, Subcommand] = {
-    "mount": Subcommand("unionfs.cli", "mount a union (the same as unionfs-mount)"),
+    "mount": Subcommand("unionfs.launcher", "mount a union (the same as unionfs-mount)"),
     "check": Subcommand("unionfs.check", "check or repair an upper (the same as unionfs-check)"),
     "image": Subcommand("unionfs.image.cli", "import, list, inspect, remove images in the store"),
     "diff": Subcommand("unionfs.changes.diff", "what an upper changes over its lowers (A/C/D)"),
@@ -43,6 +43,7 @@ SUBCOMMANDS: dict[str, Subcommand] = {
     "run": Subcommand("unionfs.container", "run a command in an image, rootless"),
     "sandbox": Subcommand("unionfs.sandbox", "run a program over your home; review, keep or drop"),
     "stats": Subcommand("unionfs.stats", "requests, latencies, cache hits and memory of a mount"),
+    "server": Subcommand("unionfs.server", "start/stop a resident server for fast mount starts"),
 }
 
 
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 #: Modules whose ``main`` predates this command and takes only ``argv``.
-_PLAIN = frozenset({"unionfs.cli", "unionfs.check"})
+_PLAIN = frozenset({"unionfs.launcher", "unionfs.check"})
 
 
 if __name__ == "__main__":

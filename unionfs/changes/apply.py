@@ -45,6 +45,7 @@ import contextlib
 import errno
 import functools
 import json
+import operator
 import os
 import secrets
 import shutil
@@ -60,6 +61,8 @@ from .scan import Change, Kind, ScanError, Scanner
 from .source import SourceError, resolve
 
 Path = tuple[bytes, ...]
+#: os.fsdecode's arguments, for decoding many names without its per-call overhead.
+_FS = (sys.getfilesystemencoding(), sys.getfilesystemencodeerrors())
 _DIR = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _PLAN = "plan.json"
 _DONE = "done"
@@ -67,6 +70,9 @@ _BACKUP = "backup"
 _VERSION = 2
 #: Journals this version resumes and undoes (1: without new trees).
 _VERSIONS = (1, 2)
+#: The fields of a step's ``meta`` (see ``_meta``), in their journal order.
+_META_KEYS = ("mode", "fmt", "rdev", "uid", "gid", "atime_ns", "mtime_ns", "xattrs")
+_meta_values = operator.itemgetter(*_META_KEYS)
 #: Files built per group commit (one syncfs each) at most.
 _GROUP = 4096
 
@@ -104,21 +110,31 @@ class Step:
     def bpath(self) -> Path:
         return tuple(os.fsencode(c) for c in self.path)
 
-    def doc(self) -> dict[str, Any]:
-        """The step as stored in the journal: its fields (not the caches), those
-        at their defaults left out (``Step(**doc)`` restores them)."""
-        out = {"n": self.n, "op": self.op, "path": self.path, "kind": self.kind}
-        for name, value in (
-            ("had", self.had),
-            ("link", self.link),
-            ("meta", self.meta),
-            ("old", self.old),
-        ):
-            if value:
-                out[name] = value
-        if self.within is not None:
-            out["within"] = self.within
-        return out
+    def doc(self) -> list[Any]:
+        """The step as stored in the journal: its fields in order (not the caches),
+        ``meta`` as a list of ``_META_KEYS`` (half the JSON of dicts, twice as fast)."""
+        meta = _meta_values(self.meta) if self.meta else None
+        return [
+            self.n,
+            self.op,
+            self.path,
+            self.kind,
+            self.had,
+            self.link,
+            meta,
+            self.old or None,
+            self.within,
+        ]
+
+    @staticmethod
+    def from_doc(doc: Any) -> Step:
+        """A step from ``doc()`` (or a version 1 journal's dict); TypeError or
+        ValueError when it is not one."""
+        if isinstance(doc, dict):
+            return Step(**doc)
+        n, op, path, kind, had, link, meta, old, within = doc
+        meta = dict(zip(_META_KEYS, meta, strict=True)) if meta else {}
+        return Step(n, op, path, kind, had, link, meta, old or {}, within)
 
     def display(self) -> str:
         return "/" + "/".join(self.path)
@@ -294,21 +310,22 @@ def plan(
     #: number of the mkdir step of the top one (their steps' ``within``).
     new_dirs: dict[Path, int] = {}
 
-    def add(step: Step) -> None:
+    def add(step: Step, bpath: Path) -> None:
         step.n = len(steps)
+        step.__dict__["bpath"] = bpath  # the cached property, known already
         steps.append(step)
         actions.append(Action(step.display(), step.op, step.kind))
 
     def close_dirs(upto: Path) -> None:
         while open_dirs and open_dirs[-1][0] != upto[: len(open_dirs[-1][0])]:
-            _, meta_step = open_dirs.pop()
+            path, meta_step = open_dirs.pop()
             if meta_step is not None:
-                add(meta_step)
+                add(meta_step, path)
 
     for c in changes:
         close_dirs(c.path)
         parent = c.path[:-1]
-        if any(parent[:i] in removed for i in range(len(parent) + 1)):
+        if removed and any(parent[:i] in removed for i in range(len(parent) + 1)):
             continue  # inside something this plan removes
         wanted = keep is None or c.path in keep
         fully = keep is None or (select is not None and select(c.path))
@@ -323,7 +340,7 @@ def plan(
             parent[:i] in new_dirs for i in range(1, len(parent))
         )
         tst = None if fresh_parent else tree.lstat(c.path)
-        spath = [os.fsdecode(x) for x in c.path]
+        spath = [x.decode(*_FS) for x in c.path]
         if conflict_check is not None and fully and not conflict_check(c, tst):
             actions.append(Action(_show(c.path), "skip", c.kind.value, "conflict"))
             if c.is_dir and _kind_of(tst) == "dir":
@@ -333,7 +350,7 @@ def plan(
             continue
         if c.kind is Kind.DELETED:
             if tst is not None:
-                add(Step(0, "remove", spath, "D", _kind_of(tst)))
+                add(Step(0, "remove", spath, "D", _kind_of(tst)), c.path)
                 removed.add(c.path)
             continue
         _check_shape(c, tst)
@@ -344,7 +361,7 @@ def plan(
             if had != "dir":
                 if within is None:
                     within = len(steps)  # this mkdir's own number: the top of a new tree
-                add(Step(0, "mkdir", spath, c.kind.value, had, meta=meta, within=within))
+                add(Step(0, "mkdir", spath, c.kind.value, had, meta=meta, within=within), c.path)
                 new_dirs[c.path] = within
             if had != "dir" or (fully and c.kind is not Kind.SAME):
                 old: dict[str, Any] = {}
@@ -372,14 +389,35 @@ def plan(
             link = None  # its first name is not applied (not selected, or refused): a copy
         put_paths.add(c.path)
         had = _kind_of(tst)
-        add(Step(0, "put", spath, c.kind.value, had, link=link, meta=_meta(c), within=within))
-        if _kind_of(tst) == "dir":
+        step = Step(0, "put", spath, c.kind.value, had, link=link, meta=_meta(c), within=within)
+        add(step, c.path)
+        if had == "dir":
             removed.add(c.path)  # its old subtree goes to the backup as a whole
     close_dirs(())
     return steps, actions
 
 
 # -- executing ------------------------------------------------------------------------
+
+
+def _tmp_name(plan_id: str, n: int) -> bytes:
+    """The temporary name step ``n`` builds its object under (in its directory)."""
+    return b".#ufa-%s-%d" % (plan_id.encode(), n)
+
+
+def _free_plan_id(tree: Tree, steps: list[Step]) -> str:
+    """A random plan id whose temporary names of new trees are free in TARGET.
+
+    A resume takes what it finds under such a name for its own (a half-built
+    tree, removed whole): something else there must not be, so an id that
+    would collide with it is not used.
+    """
+    tops = [s for s in steps if s.within == s.n]
+    for _ in range(16):
+        plan_id = secrets.token_hex(4)
+        if all(tree.lstat((*s.bpath[:-1], _tmp_name(plan_id, s.n))) is None for s in tops):
+            return plan_id
+    raise ApplyError("TARGET holds the temporary names of every plan id tried: refusing")
 
 
 class _Run:
@@ -434,7 +472,7 @@ class _Run:
         os.close(self.backup_fd)
 
     def _tmp(self, step: Step) -> bytes:
-        return b".#ufa-%s-%d" % (self.plan_id.encode(), step.n)
+        return _tmp_name(self.plan_id, step.n)
 
     def _bak(self, step: Step) -> bytes:
         return b"%d" % step.n
@@ -934,13 +972,18 @@ def default_journal(target: str) -> str:
     return os.path.join(parent, f".{base}.unionfs-apply")
 
 
-def _write_atomic(dir_path: str, name: str, data: bytes) -> None:
+def _write_atomic(dir_path: str, name: str, data: bytes, durable: bool = True) -> None:
+    """Write a file whole or not at all (``durable``: on disk when this returns; a
+    --no-sync run's survives a kill, not a crash, as the rest of the run)."""
     tmp = os.path.join(dir_path, f".{name}.tmp")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            os.fsync(f.fileno())
     os.rename(tmp, os.path.join(dir_path, name))
+    if not durable:
+        return
     dfd = os.open(dir_path, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(dfd)
@@ -952,7 +995,7 @@ def _load_plan(journal: str) -> tuple[dict[str, Any], list[Step], set[int]]:
     try:
         with open(os.path.join(journal, _PLAN), "rb") as f:
             doc = json.loads(f.read())
-        steps = [Step(**s) for s in doc["steps"]]
+        steps = [Step.from_doc(s) for s in doc["steps"]]
         if doc.get("version") not in _VERSIONS:
             raise ValueError("version")
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -1032,7 +1075,8 @@ def _execute(
         if durable:
             run.sync()  # the last group's renames and directory metadata
         os.write(log, b"".join(b"%d\n" % n for n in finished))
-        os.fsync(log)
+        if durable:
+            os.fsync(log)
     finally:
         os.close(log)
         run.close()
@@ -1101,10 +1145,10 @@ def apply(
             "version": _VERSION,
             "upper": upper,
             "target": target,
-            "plan_id": secrets.token_hex(4),
+            "plan_id": _free_plan_id(tree, steps),
             "steps": [s.doc() for s in steps],
         }
-        _write_atomic(journal, _PLAN, json.dumps(doc).encode())
+        _write_atomic(journal, _PLAN, json.dumps(doc).encode(), durable)
         _execute(doc, steps, None, journal, tree, durable, warn, progress)
     finally:
         tree.close()

@@ -232,6 +232,8 @@ class _Dir:
     lower: Entry | None
     #: The lowers below do not merge here (opaque here or above, or lower not a dir).
     cut: bool
+    #: Its names, when listed already (its opacity needed them).
+    names: set[bytes] | None = None
 
 
 class Scanner:
@@ -416,10 +418,13 @@ class Scanner:
 
     def _dir_changes(self, d: _Dir) -> Iterator:
         """This directory's deletions, then its entries (a subdirectory as a _Dir)."""
-        try:
-            names = {os.fsencode(n) for n in os.listdir(d.fd)}
-        except OSError as e:
-            raise ScanError(f"{_show(d.path) or '/'}: {e.strerror}") from None
+        names = d.names
+        if names is None:
+            try:
+                names = _names(d.fd)
+            except OSError as e:
+                raise ScanError(f"{_show(d.path) or '/'}: {e.strerror}") from None
+        d.names = None  # not kept while its subtree is walked
         opacity = self._opacity(d.fd, names, d.path) if d.path else Opacity.MERGE
         oci_gone: set[bytes] = set()
         objects: dict[bytes, os.stat_result] = {}
@@ -515,7 +520,7 @@ class Scanner:
         except OSError as e:
             raise ScanError(f"{_show(path)}: {e.strerror}") from None
         try:
-            sub_names = {os.fsencode(n) for n in os.listdir(fd)}
+            sub_names = _names(fd)
             opaque = self._opacity(fd, sub_names, path) is Opacity.OPAQUE
         except BaseException:
             os.close(fd)
@@ -526,7 +531,7 @@ class Scanner:
             change.opaque = bool(self._lower_names(lower_dir, path))
             if change.opaque and change.kind is Kind.SAME:
                 change.kind = Kind.CHANGED
-        return [change, _Dir(path, fd, lower_dir, cut)]
+        return [change, _Dir(path, fd, lower_dir, cut, sub_names)]
 
     def _note_link(self, change: Change, dir_fd: int, name: bytes) -> None:
         """Hard links: later names of one upper inode point at the first."""
@@ -557,6 +562,12 @@ class Scanner:
                     " mount: stat them there first)"
                 )
             break
+
+
+def _names(fd: int) -> set[bytes]:
+    """The names in an open directory, as bytes (listed through its descriptor's
+    /proc name: ``os.listdir(fd)`` gives str, decoded and encoded again per name)."""
+    return set(os.listdir(b"/proc/self/fd/%d" % fd))
 
 
 def _show(path: Path) -> str:

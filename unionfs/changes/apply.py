@@ -52,12 +52,12 @@ import shutil
 import stat as stat_mod
 import sys
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple
 
 from .. import markers
 from ..syscalls import RENAME_NOREPLACE, renameat2, syncfs
-from .scan import Change, Kind, ScanError, Scanner
+from .scan import Change, Kind, ScanError, Scanner, paused_gc
 from .source import SourceError, resolve
 
 Path = tuple[bytes, ...]
@@ -140,9 +140,12 @@ class Step:
         return "/" + "/".join(self.path)
 
 
-@dataclass(frozen=True)
-class Action:
-    """What apply did (or would do) at one path; ``skipped`` says why not."""
+class Action(NamedTuple):
+    """What apply did (or would do) at one path; ``skipped`` says why not.
+
+    (A named tuple: one is made per planned step, three times faster than a
+    frozen dataclass.)
+    """
 
     path: str
     op: str
@@ -297,6 +300,8 @@ def plan(
 ) -> tuple[list[Step], list[Action]]:
     """The steps that make TARGET show the upper's changes; checks every path first."""
     keep = _selected_closure(changes, select)
+    #: Every change is applied as it is (no selection, no conflicts to check).
+    plain = keep is None and conflict_check is None
     steps: list[Step] = []
     actions: list[Action] = []
     #: Directories that will exist as real directories when their children run.
@@ -323,7 +328,8 @@ def plan(
                 add(meta_step, path)
 
     for c in changes:
-        close_dirs(c.path)
+        if open_dirs:
+            close_dirs(c.path)
         parent = c.path[:-1]
         if removed and any(parent[:i] in removed for i in range(len(parent) + 1)):
             continue  # inside something this plan removes
@@ -336,6 +342,15 @@ def plan(
         # Below a directory this plan makes anew, TARGET has nothing yet (and may
         # hold a non-directory on the way, which must not be looked through).
         within = new_dirs.get(parent)
+        if within is not None and plain and c.link is None and c.kind is Kind.ADDED:
+            st = c.st
+            if st is not None and not stat_mod.S_ISDIR(st.st_mode):
+                # The most common change of all: a new file in a new directory
+                # (what the general path below does for it, in short).
+                put_paths.add(c.path)
+                spath = [x.decode(*_FS) for x in c.path]
+                add(Step(0, "put", spath, "A", None, None, _meta(c), {}, within), c.path)
+                continue
         fresh_parent = within is not None or any(
             parent[:i] in new_dirs for i in range(1, len(parent))
         )
@@ -1082,6 +1097,7 @@ def _execute(
         run.close()
 
 
+@paused_gc()  # (see there: a fifth of the time of a big apply)
 def apply(
     upper: str,
     lowers: Iterable[str],
@@ -1264,7 +1280,7 @@ def main(prog: str, argv: list[str]) -> int:
         print(f"{prog}: {os.fsdecode(e.filename or '')}: {e.strerror}", file=sys.stderr)
         return 1
     if args.json:
-        json.dump([asdict(a) for a in actions], sys.stdout, indent=1)
+        json.dump([a._asdict() for a in actions], sys.stdout, indent=1)
         print()
     else:
         verb = "would " if args.dry_run else ""

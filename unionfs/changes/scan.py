@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import errno
+import gc
 import os
 import stat as stat_mod
 from collections.abc import Callable, Iterator
@@ -562,6 +563,25 @@ class Scanner:
                     " mount: stat them there first)"
                 )
             break
+
+
+@contextlib.contextmanager
+def paused_gc() -> Iterator[None]:
+    """The cyclic garbage collector paused (as it was after).
+
+    A scan makes an object or three per entry and keeps them (Change, its
+    stat, its xattrs), and apply and export make more per change: with the
+    collector on, its passes over all of them cost a fifth of an apply of
+    10,000 files.  None of them is in a reference cycle: reference counting
+    frees them all the same.
+    """
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
 
 
 def _names(fd: int) -> set[bytes]:

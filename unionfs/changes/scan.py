@@ -480,12 +480,20 @@ class Scanner:
         A list, not a generator: this runs once per upper entry.
         """
         path = (*d.path, name)
-        entry = self._lower_lookup(d, name)
+        entry = None if d.lower is None else self._lower_lookup(d, name)
         is_dir = stat_mod.S_ISDIR(st.st_mode)
-        xnames = list_xattrs(d.fd, name)
+        # (list_xattrs and override_of, inline: this runs once per upper entry.)
+        try:
+            xnames = os.listxattr(b"/proc/self/fd/%d/%s" % (d.fd, name), follow_symlinks=False)
+        except OSError as e:
+            if e.errno not in _NO_XATTR:
+                raise
+            xnames = []
         # Most objects have no xattrs: then only the side table can say more.
-        xattrs = read_xattrs(d.fd, name, xnames) if xnames else {}
-        ov = override_of(self._table, path, xattrs)
+        xattrs = read_xattrs(d.fd, name, [os.fsencode(x) for x in xnames]) if xnames else {}
+        ov = self._table.get(b"/".join(path)) if self._table else None
+        if ov is None and xattrs:
+            ov = ownership.from_xattrs(xattrs)
         if ov is not None:
             st = ShownStat(st, ov)  # type: ignore[assignment]
         owner = (st.st_uid, st.st_gid)
@@ -594,6 +602,7 @@ def _show(path: Path) -> str:
     return "/" + b"/".join(path).decode("utf-8", "backslashreplace") if path else "/"
 
 
+@paused_gc()
 def scan(
     upper: str, lowers: list[str] | tuple[str, ...], on_warning: Callable[[str], None] | None = None
 ) -> list[Change]:

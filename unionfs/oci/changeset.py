@@ -24,6 +24,7 @@ the compressed one too (the ``digest``).
 from __future__ import annotations
 
 import errno
+import functools
 import gzip
 import hashlib
 import io
@@ -128,6 +129,13 @@ def _plain_tail(kind: bytes) -> tuple[bytes, int]:
 _PLAIN_TAILS = {k: _plain_tail(k) for k in (tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.FIFOTYPE)}
 
 
+@functools.lru_cache(maxsize=1024)
+def _owner_fields(mode: int, uid: int, gid: int) -> tuple[bytes, int]:
+    """The mode, uid and gid fields of a header, and their share of the checksum."""
+    fields = b"%07o\0%07o\0%07o\0" % (mode, uid, gid)
+    return fields, sum(fields)
+
+
 def ustar_entry(
     name: bytes,
     kind: bytes,
@@ -154,6 +162,15 @@ def ustar_entry(
         or not (0 <= size < _LIMIT_11 and 0 <= mtime < _LIMIT_11)
     ):
         return None
+    plain = None if linkname else _PLAIN_TAILS.get(kind)
+    if plain is not None:
+        # The common entry (a file, a directory): the tail after the checksum is
+        # constant per type, mode and owner are few (cached with their share of
+        # the checksum), the name's padding adds nothing to it.
+        owner = _owner_fields(mode & 0o7777, uid, gid)
+        nums = b"%011o\0%011o\0" % (size, mtime)
+        chksum = _CONST_SUM + sum(name) + owner[1] + sum(nums) + plain[1]
+        return b"%s%s%s%06o\0 %s" % (name.ljust(100, b"\0"), owner[0], nums, chksum, plain[0])
     head = name.ljust(100, b"\0") + b"%07o\0%07o\0%07o\0%011o\0%011o\0" % (
         mode & 0o7777,
         uid,
@@ -161,11 +178,6 @@ def ustar_entry(
         size,
         mtime,
     )
-    plain = None if linkname else _PLAIN_TAILS.get(kind)
-    if plain is not None:
-        # The common entry (a file, a directory): the tail after the checksum
-        # is constant per type, and so is its share of the checksum.
-        return b"%s%06o\0 %s" % (head, _CONST_SUM + sum(head) + plain[1], plain[0])
     if len(linkname) > 100 or not linkname.isascii():
         return None
     if kind in _DEV_TYPES:
@@ -275,22 +287,26 @@ class TarStream:
         if fd is None or not size:
             self._write(header)
         elif size < _SMALL:
-            # One read, appended with its header and padding (most files).
-            data = os.read(fd, size)
-            if len(data) < size:
-                data += self._rest(fd, size - len(data))
-            pad = -size % _BLOCK
-            buf = self.buf
-            buf += header
-            buf += data
-            if pad:
-                buf += _NUL_BLOCK[:pad]
-            self.offset += len(header) + size + pad
-            if len(buf) >= 1 << 16:
-                self.flush()
+            self.add_small(header, fd, size)
         else:
             self._write(header)
             self._data(fd, size)
+
+    def add_small(self, header: bytes, fd: int, size: int) -> None:
+        """A regular file of ``size`` < ``_SMALL`` bytes read from ``fd``, after
+        its ``header``: one read, appended with its padding (most files)."""
+        data = os.read(fd, size)
+        if len(data) < size:
+            data += self._rest(fd, size - len(data))
+        pad = -size % _BLOCK
+        buf = self.buf
+        buf += header
+        buf += data
+        if pad:
+            buf += _NUL_BLOCK[:pad]
+        self.offset += len(header) + size + pad
+        if len(buf) >= 1 << 16:
+            self.flush()
 
     @staticmethod
     def _rest(fd: int, left: int) -> bytes:
@@ -428,9 +444,20 @@ class ChangesetWriter:
             st = os.fstat(fd)
             if not stat_mod.S_ISREG(st.st_mode):
                 raise ChangesetError(f"{c.display()}: changed type while being exported")
+            size = st.st_size
+            uid, gid = c.owner
             try:
+                # The plain header of a small file straight away (most files).
+                header = (
+                    None
+                    if pax or size >= _SMALL
+                    else ustar_entry(name, tarfile.REGTYPE, perm, uid, gid, size, mtime)
+                )
+                if header is not None:
+                    self.tar.add_small(header, fd, size)
+                    return
                 self.tar.add_entry(
-                    name, tarfile.REGTYPE, perm, c.owner, mtime, size=st.st_size, pax=pax, fd=fd
+                    name, tarfile.REGTYPE, perm, c.owner, mtime, size=size, pax=pax, fd=fd
                 )
             except OSError as e:
                 raise ChangesetError(f"{c.display()}: {e.strerror or e}") from None

@@ -621,15 +621,21 @@ class _Run:
                 return [step.n]
             raise ApplyError(f"{step.display()}: outside the new directory it belongs to")
         path = step.bpath
+        parent, name = path[:-1], path[-1]
+        if step.op == "put" and step.link is None and step.meta.get("fmt") == stat_mod.S_IFREG:
+            # A file (most steps): straight to its copy.
+            ufd = self.upper.dirfd(parent)
+            self._build_file(step, ufd, self.tree.dirfd(parent), name, self._made.get(parent))
+            self._tree_steps.append(step.n)
+            return []
         finished: list[int] = []
         if step.op == "put" and step.link is not None and self._pending:
             finished = self.flush()  # its first name may be built aside still
-        pfd = self.tree.dirfd(path[:-1])
-        name = path[-1]
+        pfd = self.tree.dirfd(parent)
         if step.op == "mkdir":
             self._make_dir(pfd, name, path, step.meta)
         elif step.op == "put":
-            self._build(step, pfd, name, self._made.get(path[:-1]))
+            self._build(step, pfd, name, self._made.get(parent))
         elif len(path) > len(top.bpath):
             self._set_meta(pfd, name, step.meta, is_dir=True)
         else:  # the top's own metadata: the tree is complete

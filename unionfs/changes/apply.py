@@ -607,9 +607,11 @@ class _Run:
         """A new directory, writable by us until its dirmeta step (the exact mode
         last), reached from now on through its descriptor under ``path``."""
         os.mkdir(name, 0o700, dir_fd=pfd)
-        self._set_meta(pfd, name, dict(meta, mode=meta["mode"] | 0o700), is_dir=True, times=False)
-        fd = os.open(name, _DIR, dir_fd=pfd)
+        # Its metadata through its own descriptor: nothing put at its name meanwhile
+        # is followed.
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
         self.tree.adopt(path, fd)
+        self._set_meta(fd, None, dict(meta, mode=meta["mode"] | 0o700), is_dir=True, times=False)
         self._made[path] = _MadeDir.of(os.fstat(fd), meta, self.egid)
 
     def _in_new_tree(self, step: Step) -> list[int]:
@@ -636,10 +638,10 @@ class _Run:
             self._make_dir(pfd, name, path, step.meta)
         elif step.op == "put":
             self._build(step, pfd, name, self._made.get(parent))
-        elif len(path) > len(top.bpath):
-            self._set_meta(pfd, name, step.meta, is_dir=True)
-        else:  # the top's own metadata: the tree is complete
-            self._set_meta(pfd, self._tmp(top), step.meta, is_dir=True)
+        else:  # a directory's metadata, through its own descriptor
+            self._set_meta(self.tree.dirfd(path), None, step.meta, is_dir=True)
+        if step.op == "dirmeta" and len(path) == len(top.bpath):
+            # The top's own metadata: the tree is complete.
             self._tree_top = None
             numbers = [top.n, *self._tree_steps, step.n]
             if self.group:

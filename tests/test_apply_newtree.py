@@ -240,3 +240,32 @@ def test_a_directory_that_appears_meanwhile_is_left_alone(tmp: Path, monkeypatch
     rest = {k: v for k, v in got.items() if k != "new" and not k.startswith("new/")}
     assert diff_snapshots(orig, rest, ("base", "undone")) == []
     assert leftovers(target) == []
+
+
+#: A POSIX ACL (u::rwx,u:1000:r,g::r,m::r,o::r) as its xattr value.
+ACL = bytes.fromhex(
+    "0200000001000700ffffffff02000400e803000004000400ffffffff10000400ffffffff20000400ffffffff"
+)
+ACL_XATTRS = ("user.", "system.posix_acl_access", "system.posix_acl_default")
+
+
+def test_a_new_directory_with_a_default_acl_gives_its_files_the_upper_s_acls(tmp: Path):
+    """A file created in a directory with a default ACL gets an ACL and a mode from it:
+    there, what creating gives is not taken for the upper's (everything is set)."""
+    base = tmp / "base"
+    base.mkdir()
+    upper = tmp / "upper"
+    acl = upper / "new" / "acl"
+    acl.mkdir(parents=True)
+    _file(acl / "plain", "no ACL of its own\n", 0o640)
+    _file(acl / "own", "an ACL of its own\n", 0o644)
+    os.setxattr(acl / "own", "system.posix_acl_access", ACL)
+    # Set after its files were made: they have none from it.
+    os.setxattr(acl, "system.posix_acl_default", ACL)
+    target = tmp / "target"
+    target.mkdir()
+    apply_mod.apply(str(upper), [str(base)], str(target))
+    want = snapshot(upper, xattr_prefixes=ACL_XATTRS)
+    got = snapshot(target, xattr_prefixes=ACL_XATTRS)
+    assert diff_snapshots(want, got, ("upper", "applied")) == []
+    assert not [x for x in os.listxattr(target / "new" / "acl" / "plain") if "acl" in x]

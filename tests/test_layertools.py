@@ -471,7 +471,7 @@ def test_apply_gives_the_merged_view_and_undo_gives_the_copy_back(scene, tmp: Pa
 
 
 def _apply_killed_at(
-    upper: Path, lowers, target: Path, kill_at: int, points: str = "rename"
+    upper: Path, lowers, target: Path, kill_at: int, points: str = "rename", durable: bool = True
 ) -> int:
     """Run apply in a child that SIGKILLs itself at its ``kill_at``-th rename or link
     (``points="build"``: at its ``kill_at``-th file copy or group commit's syncfs,
@@ -497,7 +497,7 @@ def _apply_killed_at(
             os.rename = counting(os.rename)
             os.link = counting(os.link)
         try:
-            apply_mod.apply(str(upper), [str(p) for p in lowers], str(target))
+            apply_mod.apply(str(upper), [str(p) for p in lowers], str(target), durable=durable)
         finally:
             os._exit(0)
     _, status = os.waitpid(pid, 0)

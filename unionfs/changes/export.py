@@ -17,7 +17,7 @@ import sys
 
 from ..oci.changeset import ChangesetError, LayerInfo, source_date_epoch, write_layer
 from .diff import add_source_args
-from .scan import ScanError, Scanner
+from .scan import ScanError, Scanner, paused_gc
 from .source import SourceError, resolve
 
 _SUFFIXES = {".tar": "none", ".gz": "gzip", ".tgz": "gzip", ".zst": "zstd", ".zstd": "zstd"}
@@ -33,6 +33,7 @@ def compression_for(output: str, asked: str) -> str:
     return "none"
 
 
+@paused_gc()  # (see there: a pass over every change made is not free)
 def export(
     upper: str,
     lowers: tuple[str, ...] | list[str],

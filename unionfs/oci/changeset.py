@@ -24,6 +24,7 @@ the compressed one too (the ``digest``).
 from __future__ import annotations
 
 import errno
+import functools
 import gzip
 import hashlib
 import io
@@ -115,6 +116,24 @@ _TAIL = bytes(64)  # uname, gname: empty
 _PAD = bytes(155 + 12)  # prefix, and the rest of the block
 _LIMIT_7 = 8**7
 _LIMIT_11 = 8**11
+_DEV_TYPES = (tarfile.CHRTYPE, tarfile.BLKTYPE)
+
+
+def _plain_tail(kind: bytes) -> tuple[bytes, int]:
+    """A header's bytes after the checksum for an entry of ``kind`` with no link
+    name and no device numbers, and its share of the checksum."""
+    tail = b"".join((kind, bytes(100), tarfile.POSIX_MAGIC, _TAIL, _NO_DEV, _PAD))
+    return tail, kind[0]
+
+
+_PLAIN_TAILS = {k: _plain_tail(k) for k in (tarfile.REGTYPE, tarfile.DIRTYPE, tarfile.FIFOTYPE)}
+
+
+@functools.lru_cache(maxsize=1024)
+def _owner_fields(mode: int, uid: int, gid: int) -> tuple[bytes, int]:
+    """The mode, uid and gid fields of a header, and their share of the checksum."""
+    fields = b"%07o\0%07o\0%07o\0" % (mode, uid, gid)
+    return fields, sum(fields)
 
 
 def ustar_entry(
@@ -138,12 +157,20 @@ def ustar_entry(
     """
     if (
         len(name) > 100
-        or len(linkname) > 100
-        or not (name.isascii() and linkname.isascii())
+        or not name.isascii()
         or not (0 <= uid < _LIMIT_7 and 0 <= gid < _LIMIT_7)
         or not (0 <= size < _LIMIT_11 and 0 <= mtime < _LIMIT_11)
     ):
         return None
+    plain = None if linkname else _PLAIN_TAILS.get(kind)
+    if plain is not None:
+        # The common entry (a file, a directory): the tail after the checksum is
+        # constant per type, mode and owner are few (cached with their share of
+        # the checksum), the name's padding adds nothing to it.
+        owner = _owner_fields(mode & 0o7777, uid, gid)
+        nums = b"%011o\0%011o\0" % (size, mtime)
+        chksum = _CONST_SUM + sum(name) + owner[1] + sum(nums) + plain[1]
+        return b"%s%s%s%06o\0 %s" % (name.ljust(100, b"\0"), owner[0], nums, chksum, plain[0])
     head = name.ljust(100, b"\0") + b"%07o\0%07o\0%07o\0%011o\0%011o\0" % (
         mode & 0o7777,
         uid,
@@ -151,7 +178,9 @@ def ustar_entry(
         size,
         mtime,
     )
-    if kind in (tarfile.CHRTYPE, tarfile.BLKTYPE):
+    if len(linkname) > 100 or not linkname.isascii():
+        return None
+    if kind in _DEV_TYPES:
         if not (0 <= dev[0] < _LIMIT_7 and 0 <= dev[1] < _LIMIT_7):
             return None
         devs = b"%07o\0%07o\0" % dev
@@ -258,15 +287,26 @@ class TarStream:
         if fd is None or not size:
             self._write(header)
         elif size < _SMALL:
-            # One read and one append for a small file (most of them).
-            data = os.read(fd, size)
-            if len(data) < size:
-                data += self._rest(fd, size - len(data))
-            pad = -size % _BLOCK
-            self._write(header + data + _NUL_BLOCK[:pad] if pad else header + data)
+            self.add_small(header, fd, size)
         else:
             self._write(header)
             self._data(fd, size)
+
+    def add_small(self, header: bytes, fd: int, size: int) -> None:
+        """A regular file of ``size`` < ``_SMALL`` bytes read from ``fd``, after
+        its ``header``: one read, appended with its padding (most files)."""
+        data = os.read(fd, size)
+        if len(data) < size:
+            data += self._rest(fd, size - len(data))
+        pad = -size % _BLOCK
+        buf = self.buf
+        buf += header
+        buf += data
+        if pad:
+            buf += _NUL_BLOCK[:pad]
+        self.offset += len(header) + size + pad
+        if len(buf) >= 1 << 16:
+            self.flush()
 
     @staticmethod
     def _rest(fd: int, left: int) -> bytes:
@@ -336,10 +376,8 @@ class ChangesetWriter:
         self.tar.add_entry(b"/".join(path), tarfile.REGTYPE, 0, (0, 0), 0)
         self.entries += 1
 
-    def _pax(self, c: Change) -> dict[str, str] | None:
-        """The PAX records of the entry's xattrs (None without any)."""
-        if not c.xattrs:
-            return None
+    def _pax(self, c: Change) -> dict[str, str]:
+        """The PAX records of the entry's xattrs."""
         pax: dict[str, str] = {}
         for key, value in sorted(c.xattrs.items()):
             if markers.is_private_xattr(key):
@@ -362,7 +400,11 @@ class ChangesetWriter:
         mode = st.st_mode
         name = b"/".join(c.path)
         perm, owner, mtime = stat_mod.S_IMODE(mode), c.owner, clamp_time(st, self.epoch)
-        pax = self._pax(c)
+        pax = self._pax(c) if c.xattrs else None
+        if c.link is None and stat_mod.S_ISREG(mode):  # the most common first
+            self._file(c, name, perm, mtime, pax)
+            self.entries += 1
+            return
         add = self.tar.add_entry
         if c.link is not None:
             add(name, tarfile.LNKTYPE, perm, owner, mtime, linkname=b"/".join(c.link), pax=pax)
@@ -372,8 +414,6 @@ class ChangesetWriter:
                 self.entries += 1
                 self._marker((*c.path, markers.OPAQUE_NAME))
                 return
-        elif stat_mod.S_ISREG(mode):
-            self._file(c, name, perm, mtime, pax)
         elif stat_mod.S_ISLNK(mode):
             target = os.readlink(c.path[-1], dir_fd=self.stack.dirfd(0, c.path[:-1]))
             add(name, tarfile.SYMTYPE, perm, owner, mtime, linkname=target, pax=pax)
@@ -394,7 +434,8 @@ class ChangesetWriter:
         try:
             fd = os.open(
                 c.path[-1],
-                os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC,
+                # O_NONBLOCK: a fifo swapped in meanwhile is refused below, not waited on.
+                os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
                 dir_fd=self.stack.dirfd(0, c.path[:-1]),
             )
         except OSError as e:
@@ -403,9 +444,20 @@ class ChangesetWriter:
             st = os.fstat(fd)
             if not stat_mod.S_ISREG(st.st_mode):
                 raise ChangesetError(f"{c.display()}: changed type while being exported")
+            size = st.st_size
+            uid, gid = c.owner
             try:
+                # The plain header of a small file straight away (most files).
+                header = (
+                    None
+                    if pax or size >= _SMALL
+                    else ustar_entry(name, tarfile.REGTYPE, perm, uid, gid, size, mtime)
+                )
+                if header is not None:
+                    self.tar.add_small(header, fd, size)
+                    return
                 self.tar.add_entry(
-                    name, tarfile.REGTYPE, perm, c.owner, mtime, size=st.st_size, pax=pax, fd=fd
+                    name, tarfile.REGTYPE, perm, c.owner, mtime, size=size, pax=pax, fd=fd
                 )
             except OSError as e:
                 raise ChangesetError(f"{c.display()}: {e.strerror or e}") from None

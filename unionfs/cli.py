@@ -13,7 +13,6 @@ import contextlib
 import errno
 import logging
 import os
-import resource
 import signal
 import sys
 from collections.abc import Callable, Sequence
@@ -29,7 +28,7 @@ from .layers import LayerStack
 from .markers import Writer, probe_opaque, probe_whiteout
 from .operations import UnionOperations
 from .options import ConfigError, MountConfig, build_config, check_paths, volatile_marker
-from .syscalls import syncfs
+from .syscalls import raise_fd_limit, syncfs
 from .upper import Upper
 
 log = logging.getLogger("unionfs")
@@ -156,14 +155,6 @@ def enable_posix_acl() -> bool:
 def _dircache_active() -> bool:
     helper = _session_helper()
     return helper is not None and bool(helper.active())
-
-
-def _raise_fd_limit() -> None:
-    """Use the hard limit: the daemon holds a descriptor per open file and cached dir."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < hard:
-        with contextlib.suppress(ValueError, OSError):
-            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 def _setup_logging(cfg: MountConfig, daemon: bool) -> None:
@@ -431,7 +422,7 @@ def main(
             os.close(given_fd)
         return e.code
 
-    _raise_fd_limit()
+    raise_fd_limit()
     if cfg.dircache:
         enable_kernel_dircache()
     if cfg.acl:

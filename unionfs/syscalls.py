@@ -7,8 +7,10 @@ WHITEOUT (move an object away and leave a whiteout behind, atomically).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
+import resource
 
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
@@ -42,3 +44,16 @@ def syncfs(fd: int) -> None:
     if _syncfs(fd) != 0:
         err = ctypes.get_errno()
         raise OSError(err, os.strerror(err))
+
+
+def raise_fd_limit() -> None:
+    """Take the hard limit of open descriptors as the soft one.
+
+    Walks by descriptor hold one per directory on the path (the daemon one per
+    open file and cached directory, apply one per directory it touches): the
+    default soft limit of 1024 would fail a large tree with EMFILE.
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

@@ -56,7 +56,7 @@ from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from .. import markers
-from ..syscalls import RENAME_NOREPLACE, renameat2, syncfs
+from ..syscalls import RENAME_NOREPLACE, raise_fd_limit, renameat2, syncfs
 from .scan import Change, Kind, ScanError, Scanner, paused_gc
 from .source import SourceError, resolve
 
@@ -162,10 +162,30 @@ def _check_name(name: bytes) -> bytes:
     return name
 
 
+def _chmod_nofollow(pfd: int, name: bytes | None, mode: int) -> None:
+    """chmod of ``name`` in ``pfd`` (of ``pfd`` itself if None), never through a symlink.
+
+    Linux has no lchmod, and ``chmod(name, dir_fd=)`` follows a symlink put at
+    the name meanwhile: the object is pinned with ``O_PATH | O_NOFOLLOW`` and
+    changed through its ``/proc`` link, which names that inode, not a path.
+    """
+    if name is None:
+        os.chmod(pfd, mode)
+        return
+    fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=pfd)
+    try:
+        if stat_mod.S_ISLNK(os.fstat(fd).st_mode):
+            raise ApplyError(f"{os.fsdecode(name)}: became a symlink meanwhile: refusing")
+        os.chmod(f"/proc/self/fd/{fd}", mode)
+    finally:
+        os.close(fd)
+
+
 class Tree:
     """A directory reached only by descriptors, one component at a time, O_NOFOLLOW."""
 
     def __init__(self, root: str) -> None:
+        raise_fd_limit()  # one descriptor per directory touched, kept to the end
         self.root_fd = os.open(root, _DIR)
         self._fds: dict[Path, int] = {}
 
@@ -825,7 +845,7 @@ class _Run:
         if not symlink:
             path = pfd if name is None else b"/proc/self/fd/%d/%s" % (pfd, name)
             fol = name is None  # a descriptor is the object; a final name is not followed
-            os.chmod(target, meta["mode"], **({} if name is None else {"dir_fd": pfd}))
+            _chmod_nofollow(pfd, name, meta["mode"])
             want = {bytes.fromhex(k): bytes.fromhex(v) for k, v in meta["xattrs"].items()}
             have = {bytes.fromhex(k) for k in _xattrs_of(path, fol)}
             for x in have - want.keys():

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from .. import markers, ownership
 from ..layers import Entry, LayerStack
 from ..markers import Opacity
+from ..syscalls import raise_fd_limit
 
 Path = tuple[bytes, ...]
 
@@ -246,6 +247,7 @@ class Scanner:
     """
 
     def __init__(self, upper: str, lowers: list[str] | tuple[str, ...]) -> None:
+        raise_fd_limit()  # the layer stack caches a descriptor per lower directory
         self.upper = upper
         self.stack = LayerStack(list(lowers), None)
         self.warnings: list[str] = []

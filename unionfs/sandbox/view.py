@@ -170,6 +170,7 @@ def _daemon(
     os.close(out)
     from .. import cli
     from ..options import build_config, check_paths
+    from ..syscalls import raise_fd_limit
 
     try:
         spec = ":".join(p.replace("\\", "\\\\").replace(":", "\\:") for p in lowers)
@@ -178,7 +179,7 @@ def _daemon(
     except ConfigError as e:
         os.write(ready_w, str(e).encode())
         return e.code
-    cli._raise_fd_limit()
+    raise_fd_limit()
     if cfg.dircache:
         cli.enable_kernel_dircache()
     if cfg.acl:

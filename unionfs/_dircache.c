@@ -12,14 +12,26 @@
  * The kernel drops a cached listing whenever a directory changes through the
  * mount (create, unlink, rename, ...), and every change to the union goes
  * through the mount, so the cache stays exact.  Off unless enable() is called.
+ *
+ * The same table answers READ in C (enable_read()): a READ is a pread of the
+ * handle's descriptor, which needs no Python state, and pyfuse3's dispatch of
+ * one request (Python objects, a coroutine, trio's machinery) costs about
+ * twice what the pread does.  The daemon registers each file handle's
+ * descriptor here when it makes the handle and unregisters it at release,
+ * before closing it; a READ on an unregistered handle goes to pyfuse3.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
 #define FUSE_USE_VERSION 35
 #include <dlfcn.h>
+#include <errno.h>
 #include <fuse_lowlevel.h>
+#include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
+#include <time.h>
+#include <unistd.h>
 
 typedef struct fuse_session *(*session_new_fn)(struct fuse_args *,
                                                const struct fuse_lowlevel_ops *,
@@ -31,6 +43,91 @@ static int acl_wanted;
 static struct fuse_lowlevel_ops patched;
 static void (*inner_opendir)(fuse_req_t, fuse_ino_t, struct fuse_file_info *);
 static void (*inner_init)(void *, struct fuse_conn_info *);
+static int read_wanted;
+static int read_used;
+static void (*inner_read)(fuse_req_t, fuse_ino_t, size_t, off_t, struct fuse_file_info *);
+/* libfuse's replies, looked up with fuse_session_new (this module does not
+ * link libfuse: it is loaded before anything else has loaded it). */
+static int (*reply_buf)(fuse_req_t, const char *, size_t);
+static int (*reply_err)(fuse_req_t, int);
+
+/*
+ * Descriptors of file handles, by handle number: slot fh % SLOTS holds one
+ * (fh, fd) pair.  The daemon numbers handles from 1 up and never reuses a
+ * number, so a slot's fh names one handle for good (a reused descriptor
+ * number cannot be mistaken for it); a handle whose slot is taken by a
+ * still-open older one is not registered and is read by Python.  Only the
+ * thread that runs the FUSE session touches the table (with the GIL held:
+ * registration from the handlers, lookups from the READ callback that
+ * pyfuse3's loop calls), so it needs no lock.
+ */
+#define SLOTS (1u << 16)
+static struct {
+    uint64_t fh; /* 0: free */
+    int fd;
+} slots[SLOTS];
+
+/* READs answered here: log2 buckets of nanoseconds, as stats.py counts. */
+#define BUCKETS 64
+static unsigned long long read_buckets[BUCKETS];
+
+/* The READ buffer, grown to the largest READ seen (the kernel's max_read). */
+static char *read_buf;
+static size_t read_buf_size;
+
+static long long now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+static ssize_t pread_buffer(int fd, size_t size, off_t off)
+{
+    /* pread with the GIL released, as os.pread does, retried on EINTR as
+     * os.pread retries (the signal's Python handler runs later, on the loop). */
+    ssize_t n;
+    int holds_gil = PyGILState_Check();
+    PyThreadState *ts = holds_gil ? PyEval_SaveThread() : NULL;
+    do
+        n = pread(fd, read_buf, size, off);
+    while (n < 0 && errno == EINTR);
+    int saved = errno;
+    if (holds_gil)
+        PyEval_RestoreThread(ts);
+    errno = saved;
+    return n;
+}
+
+static void fast_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
+                      struct fuse_file_info *fi)
+{
+    uint64_t fh = fi->fh;
+    unsigned slot = (unsigned)(fh % SLOTS);
+    if (fh == 0 || slots[slot].fh != fh) {
+        inner_read(req, ino, size, off, fi);
+        return;
+    }
+    long long start = now_ns();
+    if (size > read_buf_size) {
+        char *grown = malloc(size);
+        if (grown == NULL) {
+            reply_err(req, ENOMEM);
+            return;
+        }
+        free(read_buf);
+        read_buf = grown;
+        read_buf_size = size;
+    }
+    ssize_t n = pread_buffer(slots[slot].fd, size, off);
+    int err = n < 0 ? (errno ? errno : EIO) : 0;
+    long long took = now_ns() - start;
+    read_buckets[took > 0 ? 64 - __builtin_clzll((unsigned long long)took) : 0]++;
+    if (err)
+        reply_err(req, err);
+    else
+        reply_buf(req, read_buf, (size_t)n);
+}
 
 /*
  * Capabilities pyfuse3 cannot ask for, added to what its init handler wants.
@@ -71,18 +168,26 @@ struct fuse_session *fuse_session_new(struct fuse_args *args,
     static session_new_fn real;
     if (real == NULL) {
         void *lib = dlopen("libfuse3.so.3", RTLD_NOW | RTLD_LOCAL);
-        if (lib != NULL)
+        if (lib != NULL) {
             real = (session_new_fn)dlvsym(lib, "fuse_session_new", "FUSE_3.0");
+            reply_buf = (int (*)(fuse_req_t, const char *, size_t))dlsym(lib, "fuse_reply_buf");
+            reply_err = (int (*)(fuse_req_t, int))dlsym(lib, "fuse_reply_err");
+        }
         if (real == NULL)
             return NULL;
     }
-    if ((enabled || acl_wanted) && op != NULL && op_size <= sizeof(patched)) {
+    if ((enabled || acl_wanted || read_wanted) && op != NULL && op_size <= sizeof(patched)) {
         memset(&patched, 0, sizeof(patched));
         memcpy(&patched, op, op_size);
         if (enabled && op->opendir != NULL) {
             inner_opendir = op->opendir;
             patched.opendir = caching_opendir;
             used = 1;
+        }
+        if (read_wanted && op->read != NULL && reply_buf != NULL && reply_err != NULL) {
+            inner_read = op->read;
+            patched.read = fast_read;
+            read_used = 1;
         }
         inner_init = op->init;
         patched.init = session_init;
@@ -108,7 +213,78 @@ static PyObject *enable_acl(PyObject *self, PyObject *unused)
     Py_RETURN_NONE;
 }
 
+static PyObject *enable_read(PyObject *self, PyObject *unused)
+{
+    read_wanted = 1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *read_active(PyObject *self, PyObject *unused)
+{
+    return PyBool_FromLong(read_used);
+}
+
+static PyObject *register_fd(PyObject *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "register(fh, fd)");
+        return NULL;
+    }
+    unsigned long long fh = PyLong_AsUnsignedLongLong(args[0]);
+    long fd = PyLong_AsLong(args[1]);
+    if (PyErr_Occurred())
+        return NULL;
+    unsigned slot = (unsigned)(fh % SLOTS);
+    if (fh == 0 || fd < 0 || fd > INT32_MAX || (slots[slot].fh != 0 && slots[slot].fh != fh))
+        Py_RETURN_FALSE;
+    slots[slot].fh = fh;
+    slots[slot].fd = (int)fd;
+    Py_RETURN_TRUE;
+}
+
+static PyObject *unregister_fd(PyObject *self, PyObject *arg)
+{
+    unsigned long long fh = PyLong_AsUnsignedLongLong(arg);
+    if (PyErr_Occurred())
+        return NULL;
+    unsigned slot = (unsigned)(fh % SLOTS);
+    if (fh != 0 && slots[slot].fh == fh) {
+        slots[slot].fh = 0;
+        slots[slot].fd = -1;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *clear_fds(PyObject *self, PyObject *unused)
+{
+    memset(slots, 0, sizeof(slots));
+    Py_RETURN_NONE;
+}
+
+static PyObject *read_counts(PyObject *self, PyObject *unused)
+{
+    PyObject *out = PyList_New(BUCKETS);
+    if (out == NULL)
+        return NULL;
+    for (int b = 0; b < BUCKETS; b++) {
+        PyObject *n = PyLong_FromUnsignedLongLong(read_buckets[b]);
+        if (n == NULL) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        PyList_SET_ITEM(out, b, n);
+    }
+    return out;
+}
+
 static PyMethodDef methods[] = {
+    {"enable_read", enable_read, METH_NOARGS, "Answer READ of registered handles in C."},
+    {"read_active", read_active, METH_NOARGS, "Did a session start with READ answered in C?"},
+    {"register", (PyCFunction)(void (*)(void))register_fd, METH_FASTCALL,
+     "register(fh, fd): READs of handle fh are preads of fd; False if not taken."},
+    {"unregister", unregister_fd, METH_O, "unregister(fh): before fd is closed."},
+    {"clear", clear_fds, METH_NOARGS, "Forget every handle (the session ended)."},
+    {"read_counts", read_counts, METH_NOARGS, "Log2 ns latency buckets of READs answered in C."},
     {"enable", enable, METH_NOARGS, "Cache directory listings in the kernel from now on."},
     {"active", active, METH_NOARGS, "Did a session start with the cache on?"},
     {"enable_acl", enable_acl, METH_NOARGS, "Ask the kernel for POSIX ACL handling."},

@@ -208,6 +208,7 @@ def main() -> int:
         "pread-4k": lambda root: pread_direct(root, 4096),
         "pread-32k": lambda root: pread_direct(root, 32 << 10),
         "pread-128k": lambda root: pread_direct(root, 128 << 10),
+        "pread-1m": lambda root: pread_direct(root, 1 << 20, 3000),
     }
     cmds = [c.split("=", 1) for c in args.cmd]
     for wname in args.workloads.split(","):

@@ -36,6 +36,18 @@ def cpu_of(pid: int) -> tuple[float, float]:
     return int(fields[11]) / CLK, int(fields[12]) / CLK
 
 
+def cpu_ns_of(pid: int) -> int:
+    """CPU nanoseconds of a process, all its threads (schedstat: finer than utime's ticks)."""
+    total = 0
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                total += int(f.read().split()[0])
+        except (OSError, ValueError, IndexError):
+            pass  # a thread that ended
+    return total
+
+
 def walk(root: str) -> None:
     for dirpath, _dirs, files in os.walk(root):
         for name in files + _dirs:
@@ -65,6 +77,22 @@ def ls_lr(root: str) -> None:
 def stat_paths(root: str, paths: list[str]) -> None:
     for rel in paths:
         os.lstat(os.path.join(root, rel))
+
+
+def pread_direct(root: str, size: int, count: int = 50_000) -> None:
+    """``count`` O_DIRECT preads of ``size`` bytes over big/mid.bin's first 16 MiB:
+    every one a READ request (no page cache of the mount in between); cold reads
+    the disk once, warm reads the lower's page cache: READ's own CPU."""
+    import mmap
+
+    buf = mmap.mmap(-1, size)
+    fd = os.open(os.path.join(root, "big", "mid.bin"), os.O_RDONLY | os.O_DIRECT)
+    try:
+        span = (16 << 20) // size
+        for i in range(count):
+            os.preadv(fd, [buf], (i % span) * size)
+    finally:
+        os.close(fd)
 
 
 def drop_caches() -> None:
@@ -137,14 +165,22 @@ def one(cmd: str, lowers: list[Path], workload: Callable[[str], None]) -> list[d
         proc, mnt = mount(cmd, lowers, scratch)
         try:
             for phase in ("cold", "warm"):
-                r0, (u0, s0) = requests(mnt), cpu_of(proc.pid)
+                r0, (u0, s0), c0 = requests(mnt), cpu_of(proc.pid), cpu_ns_of(proc.pid)
                 t0 = time.perf_counter()
                 in_child(lambda: workload(str(mnt)))
                 wall = time.perf_counter() - t0
                 u1, s1 = cpu_of(proc.pid)
+                cpu = (cpu_ns_of(proc.pid) - c0) / 1e9
                 reqs = diff(r0, requests(mnt))
                 out.append(
-                    {"phase": phase, "user": u1 - u0, "sys": s1 - s0, "wall": wall, "reqs": reqs}
+                    {
+                        "phase": phase,
+                        "user": u1 - u0,
+                        "sys": s1 - s0,
+                        "cpu": cpu,
+                        "wall": wall,
+                        "reqs": reqs,
+                    }
                 )
         finally:
             unmount(proc, mnt)
@@ -169,6 +205,10 @@ def main() -> int:
         "ls-lR": ls_lr,
         "read-paths": lambda root: read_listed(root, small),
         "stat-paths": lambda root: stat_paths(root, small),
+        "pread-4k": lambda root: pread_direct(root, 4096),
+        "pread-32k": lambda root: pread_direct(root, 32 << 10),
+        "pread-128k": lambda root: pread_direct(root, 128 << 10),
+        "pread-1m": lambda root: pread_direct(root, 1 << 20, 3000),
     }
     cmds = [c.split("=", 1) for c in args.cmd]
     for wname in args.workloads.split(","):
@@ -177,6 +217,7 @@ def main() -> int:
                 for r in one(cmd, lowers, workloads[wname]):
                     n = sum(r["reqs"].values())
                     per = f" {1e6 * r['user'] / n:6.1f} us user/req" if n else ""
+                    per += f" {1e6 * r['cpu'] / n:6.2f} us cpu/req" if n else ""
                     print(
                         f"{wname:10} r{rnd} {name:6} {r['phase']}: user {r['user']:.2f} s"
                         f" sys {r['sys']:.2f} s wall {r['wall']:.2f} s{per} {r['reqs']}",

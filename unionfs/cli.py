@@ -152,6 +152,32 @@ def enable_posix_acl() -> bool:
     return helper is not None
 
 
+def enable_fast_read() -> bool:
+    """Answer READs of registered handles in C; False when the helper is missing."""
+    helper = _session_helper()
+    if helper is not None:
+        helper.enable_read()
+    return helper is not None
+
+
+def enable_session_helpers(cfg: MountConfig) -> None:
+    """Turn on what the C session helper does for this mount, before the session starts."""
+    if cfg.dircache:
+        enable_kernel_dircache()
+    if cfg.acl:
+        enable_posix_acl()
+    if cfg.fastpath:
+        enable_fast_read()
+
+
+def _fast_read_helper(cfg: MountConfig) -> Any:
+    """The helper when the session started answers READs in C, else None."""
+    helper = _session_helper()
+    if cfg.fastpath and helper is not None and helper.read_active():
+        return helper
+    return None
+
+
 def _dircache_active() -> bool:
     helper = _session_helper()
     return helper is not None and bool(helper.active())
@@ -224,6 +250,9 @@ class Daemon:
             if not loop.install(cfg.spin_us):
                 log.warning("this pyfuse3 has no trio hook: requests take trio's longer wait")
             pyfuse3.init(self.ops, cfg.mountpoint, cfg.fuse_options(is_root))
+            fast = _fast_read_helper(cfg)
+            if fast is not None:
+                self.ops.read_in_c(fast)
             if cfg.dircache and not _dircache_active():
                 log.warning("the kernel will not cache directory listings (_dircache inactive)")
         except BaseException:
@@ -423,10 +452,7 @@ def main(
         return e.code
 
     raise_fd_limit()
-    if cfg.dircache:
-        enable_kernel_dircache()
-    if cfg.acl:
-        enable_posix_acl()
+    enable_session_helpers(cfg)
     # New objects get exactly the mode the kernel sends, less the caller's umask
     # (operations.py), never the daemon's own.
     os.umask(0)

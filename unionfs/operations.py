@@ -152,6 +152,8 @@ class UnionOperations(pyfuse3.Operations):
         self._dirs: dict[int, DirHandle] = {}
         self._files: dict[int, FileHandle] = {}
         self._next_fh = 1
+        #: The C session helper when it answers READs (``read_in_c``), else None.
+        self._fast: Any = None
         #: Absolute upper, work dir and lowers, as ``unionfs stats`` reports them
         #: (set by the daemon, which knows the directory it was started in).
         self.branches: dict[str, Any] | None = None
@@ -452,7 +454,24 @@ class UnionOperations(pyfuse3.Operations):
     def _file_info(self, node: Node, fd: int) -> pyfuse3.FileInfo:
         fh = self._new_fh()
         self._files[fh] = FileHandle(fd, node, node.layer)
+        if self._fast is not None:
+            self._fast.register(fh, fd)  # False (a slot taken): ``read`` below answers
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+
+    def read_in_c(self, helper: Any) -> None:
+        """Let the C session helper answer READs of this daemon's handles.
+
+        A READ is a pread of the handle's descriptor, nothing else; in C it
+        skips pyfuse3's dispatch of the request (docs/performance.md).  Each
+        handle is registered as it is made and unregistered at release before
+        its descriptor is closed; handle numbers are never reused, so a slot
+        never names a closed or reused descriptor.  The helper counts the
+        READs it answers (``unionfs stats`` merges them).
+        """
+        self._fast = helper
+        for fh, handle in self._files.items():
+            helper.register(fh, handle.fd)
+        stats.COUNTERS.add_source("read", helper.read_counts)
 
     @_guard
     def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> Any:
@@ -504,6 +523,8 @@ class UnionOperations(pyfuse3.Operations):
     def release(self, fh: int) -> None:
         handle = self._files.pop(fh, None)
         if handle is not None:
+            if self._fast is not None:
+                self._fast.unregister(fh)
             os.close(handle.fd)
 
     # -- creating and removing -------------------------------------------------
@@ -894,6 +915,8 @@ class UnionOperations(pyfuse3.Operations):
 
     def close(self) -> None:
         """Release every descriptor the handlers still hold (after unmount)."""
+        if self._fast is not None:
+            self._fast.clear()
         for handle in self._files.values():
             os.close(handle.fd)
         self._files.clear()

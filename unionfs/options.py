@@ -86,6 +86,8 @@ class MountConfig:
     fsname: str = "unionfs"
     read_ahead_kb: int | None = 1024
     dircache: bool = True
+    #: READs of plain descriptors answered by the C session helper (``nofastpath``: in Python).
+    fastpath: bool = True
     acl: bool = True
     volatile: bool = False
     metacopy: bool = False
@@ -252,6 +254,8 @@ def build_config(
             cfg.allow_other = False
         elif flag == "nodircache":
             cfg.dircache = False
+        elif flag == "nofastpath":
+            cfg.fastpath = False
         elif flag == "noacl":
             cfg.acl = False
         elif flag == "volatile":

@@ -5,7 +5,9 @@ gives the measured cost):
 
 - every request, by type, into a histogram of its latency: 64 log2 buckets of
   nanoseconds (bucket ``b`` holds latencies in ``[2**(b-1), 2**b)``), counted
-  in one place, ``operations._guard``: a clock read and a list increment;
+  in one place, ``operations._guard``: a clock read and a list increment
+  (READs the C session helper answers are counted there, the same way, and
+  merged in; see unionfs/_dircache.c);
 - hits and misses of the daemon's caches: entries (a name the kernel asks for
   again, ``InodeTable.cached_child``), xattr names of a node, merged directory
   listings, and directory descriptors (``LayerStack.dirfd``), each an increment
@@ -55,9 +57,24 @@ class Counters:
             name: [0, 0] for name in ("entries", "xattr_names", "listings", "dir_fds")
         }
         self.copyups = {"count": 0, "bytes": 0, "ns": 0}
+        #: request type -> buckets counted elsewhere (the C session helper's READs).
+        self.sources: dict[str, Callable[[], list[int]]] = {}
 
     def buckets(self, request: str) -> list[int]:
         return self.requests.setdefault(request, [0] * BUCKETS)
+
+    def add_source(self, request: str, source: Callable[[], list[int]]) -> None:
+        """Count the requests of a type that ``source`` reports, with the handler's own."""
+        self.sources[request] = source
+
+    def merged(self) -> dict[str, list[int]]:
+        """Every request type's buckets: the handlers' plus the other sources'."""
+        out = {name: list(b) for name, b in self.requests.items()}
+        for name, source in self.sources.items():
+            mine = out.setdefault(name, [0] * BUCKETS)
+            for b, n in enumerate(source()[:BUCKETS]):
+                mine[b] += n
+        return out
 
     def cache(self, name: str) -> list[int]:
         return self.caches[name]
@@ -127,12 +144,14 @@ def snapshot(
         "rss_bytes": _rss_bytes(),
         "requests": {
             name: {str(b): n for b, n in enumerate(buckets) if n}
-            for name, buckets in sorted(c.requests.items())
+            for name, buckets in sorted(c.merged().items())
             if any(buckets)
         },
         "caches": {name: {"hits": h, "misses": m} for name, (h, m) in c.caches.items()},
         "copyups": dict(c.copyups),
         "held": dict(sizes or {}),
+        # Of the requests above, how many the C session helper answered.
+        "in_c": {name: sum(source()) for name, source in sorted(c.sources.items())},
     }
 
 
@@ -201,6 +220,8 @@ def render(s: dict[str, Any]) -> str:
     ]
     if s.get("held"):
         lines.append("held: " + ", ".join(f"{k} {v}" for k, v in s["held"].items()))
+    if s.get("in_c"):
+        lines.append("answered in C: " + ", ".join(f"{k} {v}" for k, v in s["in_c"].items()))
     lines.append("(latency: upper bound of a log2 bucket, from the daemon's view)")
     return "\n".join(lines)
 

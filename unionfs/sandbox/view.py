@@ -180,10 +180,7 @@ def _daemon(
         os.write(ready_w, str(e).encode())
         return e.code
     raise_fd_limit()
-    if cfg.dircache:
-        cli.enable_kernel_dircache()
-    if cfg.acl:
-        cli.enable_posix_acl()
+    cli.enable_session_helpers(cfg)
     os.umask(0)
     cli._setup_logging(cfg, daemon=False)
     daemon = cli.Daemon(cfg)

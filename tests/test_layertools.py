@@ -830,6 +830,9 @@ def test_mount_argv_and_overlay_options_parsing():
         ]
     ) == (["/a/unionfs-1:/b", "/u", "/m"], ["ro,x"])
     assert _split_mount_argv(["unionfs", "mount", "/l", "/m"]) == (["/l", "/m"], [])
+    # The Python API's daemons run as ``python -m unionfs.launcher``.
+    api = ["/v/bin/python3", "-m", "unionfs.launcher", "-f", "--ready-fd", "5", "/l", "/u", "/m"]
+    assert _split_mount_argv(api)[0][-3:] == ["/l", "/u", "/m"]
     assert _split_mount_argv(["unionfs", "diff", "/u"]) == ([], [])
     opts = _overlay_options(r"rw,lowerdir=/a\,b:/c,upperdir=/u,workdir=/w,userxattr")
     assert opts["lowerdir"] == r"/a\,b:/c" and opts["upperdir"] == "/u" and "userxattr" in opts

@@ -115,12 +115,15 @@ def _split_mount_argv(argv: list[str]) -> tuple[list[str], list[str]]:
     """The positional paths and ``-o`` words of a ``unionfs-mount`` command line.
 
     The program is ``unionfs-mount``, ``unionfs mount`` or ``python -m
-    unionfs.cli``, maybe after an interpreter; an empty result for anything else.
+    unionfs.cli`` (or ``-m unionfs.launcher``, what the Python API runs), maybe
+    after an interpreter; an empty result for anything else.
     """
     start = None
     for i, a in enumerate(argv[:4]):
         base = os.path.basename(a)
-        if base == "unionfs-mount" or (a == "unionfs.cli" and i > 0 and argv[i - 1] == "-m"):
+        if base == "unionfs-mount" or (
+            a in ("unionfs.cli", "unionfs.launcher") and i > 0 and argv[i - 1] == "-m"
+        ):
             start = i + 1
             break
         if base == "unionfs" and argv[i + 1 : i + 2] == ["mount"]:

@@ -35,6 +35,7 @@ import contextlib
 import errno
 import os
 import sys
+from collections.abc import Callable
 
 #: Set in every child of a server (its PID): such a process never serves nor asks a server.
 GUARD = "UNIONFS_SERVER_CHILD"
@@ -336,7 +337,7 @@ class Server:
             conn.close()
             return
         _, _, argv, numbers, env = decode_request(data)
-        pid = self._fork(conn, argv, received, numbers, env)
+        pid = self._fork(lambda: self._child(conn, argv, received, numbers, env))
         pidfd = os.pidfd_open(pid)
         self.children[pidfd] = (pid, conn)
         with contextlib.suppress(OSError):  # the client is gone: the child's lifeline tells it
@@ -367,14 +368,9 @@ class Server:
             return "unionfs changed since the server started"
         return peer_difference(peer)
 
-    def _fork(
-        self,
-        conn: object,
-        argv: list[str],
-        received: list[int],
-        numbers: list[int],
-        env: dict[bytes, bytes],
-    ) -> int:
+    def _fork(self, child: Callable[[], int]) -> int:
+        """Fork; the child runs ``child`` and exits with its status, never returning
+        into the accept loop (the guard against forked servers)."""
         sys.stdout.flush()
         sys.stderr.flush()
         pid = os.fork()
@@ -382,7 +378,7 @@ class Server:
             return pid
         code = 1
         try:  # the child: never back into the loop, whatever happens
-            code = self._child(conn, argv, received, numbers, env)
+            code = child()
         except SystemExit as e:
             code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
             if not isinstance(e.code, int | None):

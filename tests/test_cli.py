@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -128,6 +130,24 @@ def wait_mounted(proc: subprocess.Popen[bytes], mnt: Path) -> None:
         time.sleep(0.05)
 
 
+@contextlib.contextmanager
+def reaped(proc: subprocess.Popen[bytes]) -> Iterator[None]:
+    """Kill and reap the foreground daemon if the block leaves it running."""
+    try:
+        yield
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def stop_and_check_unmounted(proc: subprocess.Popen[bytes], mnt: Path, sig: int) -> None:
+    """The signal ends the foreground daemon with status 0 and the mount with it."""
+    proc.send_signal(sig)
+    assert proc.wait(timeout=15) == 0
+    assert not mounted(mnt)
+
+
 def test_mount_serves_on_when_the_one_waiting_is_gone(dirs):
     """The ready pipe's reader ended before the mount answered (a Ctrl-C of the waiting
     command): the report fails with EPIPE, and the daemon serves on instead of dying
@@ -141,18 +161,12 @@ def test_mount_serves_on_when_the_one_waiting_is_gone(dirs):
     )
     os.close(w)
     os.close(r)  # before the daemon could possibly report
-    try:
+    with reaped(proc):
         wait_mounted(proc, mnt)
         time.sleep(0.5)  # the report has been tried by now
         assert (mnt / "f").read_text() == "one"
         assert proc.poll() is None
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=15) == 0
-        assert not mounted(mnt)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop_and_check_unmounted(proc, mnt, signal.SIGTERM)
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
@@ -163,16 +177,10 @@ def test_foreground_signal_unmounts_cleanly(dirs, sig):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
     )
-    try:
+    with reaped(proc):
         wait_mounted(proc, mnt)
         assert (mnt / "f").read_text() == "one"
-        proc.send_signal(sig)
-        assert proc.wait(timeout=15) == 0
-        assert not mounted(mnt)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        stop_and_check_unmounted(proc, mnt, sig)
 
 
 def test_read_only_union_answers_erofs(dirs):

@@ -25,9 +25,10 @@ setup(
     ext_modules=[
         Extension(
             "unionfs._dircache",
-            sources=["unionfs/_dircache.c"],
+            sources=["unionfs/_dircache.c", "unionfs/_dispatch.c", "unionfs/_readpool.c"],
+            depends=["unionfs/_session.h"],
             extra_compile_args=fuse3_cflags(),
-            libraries=["dl"],
+            libraries=["dl", "pthread"],
             optional=True,
         )
     ]

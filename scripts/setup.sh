@@ -32,7 +32,7 @@ fi
 
 venv="$top/.venv"
 # The C helper is built at install time: a change to it re-installs too.
-stamp="$venv/.installed-$( (cat "$top/pyproject.toml" "$top/setup.py" "$top"/unionfs/*.c; echo "$PY") | sha1sum | cut -c1-12)"
+stamp="$venv/.installed-$( (cat "$top/pyproject.toml" "$top/setup.py" "$top"/unionfs/*.c "$top"/unionfs/*.h; echo "$PY") | sha1sum | cut -c1-12)"
 if [ ! -e "$stamp" ]; then
   echo "setup: creating $venv" >&2
   rm -rf "$venv"

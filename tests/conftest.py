@@ -14,6 +14,9 @@ test end, an unprivileged user, root-only skips and a leak check for the session
 - Tests marked ``oracle`` or ``root`` are skipped unless run as root.
 - At session end no mount may remain and no unionfs daemon may still run
   below the session's scratch dirs or pytest's tmp_path base.
+- ``helper_mode`` (parametrized): ``"fastpath"`` (the C session helper serves,
+  skipped when it is not built) and ``"nofastpath"`` (pyfuse3 in Python), with
+  ``support.helper_opts(mode)`` the mount options that ask for it.
 - ``UNIONFS_NO_SERVER=1``: no mount goes through a user's start server.
 """
 
@@ -63,6 +66,16 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 
 # --------------------------------------------------------------------------- scratch dirs
+
+
+@pytest.fixture(params=["fastpath", "nofastpath"])
+def helper_mode(request: pytest.FixtureRequest) -> str:
+    if request.param == "fastpath":
+        try:
+            from unionfs import _dircache  # type: ignore[attr-defined]  # noqa: F401
+        except ImportError:
+            pytest.skip("the C session helper is not built")
+    return str(request.param)
 
 
 @pytest.fixture(scope="session")

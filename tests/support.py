@@ -746,6 +746,11 @@ def kernel_overlay(
                 subprocess.run(["umount", "-l", os.fspath(mnt)], capture_output=True)
 
 
+def helper_opts(mode: str) -> list[str]:
+    """The mount options of a ``helper_mode`` (conftest): the C session helper or not."""
+    return ["nofastpath"] if mode == "nofastpath" else []
+
+
 def unionfs_command() -> list[str]:
     """How to run unionfs-mount: the one beside this interpreter, on PATH, or as a module."""
     here = os.path.dirname(sys.executable)

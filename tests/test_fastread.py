@@ -22,7 +22,7 @@ import pytest
 
 from unionfs import stats
 
-from support import is_mounted, unionfs_command, unionfs_mount
+from support import helper_opts, is_mounted, unionfs_command, unionfs_mount
 
 try:
     from unionfs import _dircache  # type: ignore[attr-defined]
@@ -34,15 +34,12 @@ BIG = 3 * 2**20 + 123  # not a multiple of a page: the last READ is short
 HOLE = 4 * 2**20
 
 
-@pytest.fixture(params=["fastpath", "nofastpath"])
-def mode(request) -> str:
-    if request.param == "fastpath" and _dircache is None:
-        pytest.skip("the C session helper is not built")
-    return request.param
+@pytest.fixture
+def mode(helper_mode: str) -> str:
+    return helper_mode
 
 
-def _opts(mode: str) -> list[str]:
-    return ["nofastpath"] if mode == "nofastpath" else []
+_opts = helper_opts
 
 
 def _layers(tmp: Path) -> tuple[Path, Path, Path, dict[str, bytes]]:
@@ -252,3 +249,40 @@ def test_registry_never_mixes_two_handles_of_one_slot():
         assert not _dircache.register(8, -1)
     finally:
         _dircache.clear()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="drops the page cache")
+def test_reads_from_disk_are_answered_by_workers_with_the_right_bytes(tmp_path, mode):
+    """READs of data not in the page cache wait in worker threads (unionfs/_readpool.c)."""
+    lower, upper, mnt, _ = _layers(tmp_path)
+    files = {f"cold{i}": os.urandom(2 * 2**20 + i * 777) for i in range(4)}
+    for name, data in files.items():
+        (lower / name).write_bytes(data)
+    errors: list[str] = []
+
+    def reader(name: str) -> None:
+        data = files[name]
+        fd = os.open(mnt / name, os.O_RDONLY | os.O_DIRECT)
+        try:
+            # Backwards, so that no read-ahead of the lower file has them cached already.
+            for i in reversed(range(0, len(data), 64 * 1024)):
+                got = _direct_pread(fd, 64 * 1024, i)
+                if got != data[i : i + 64 * 1024]:
+                    errors.append(f"{name} at {i}")
+        finally:
+            os.close(fd)
+
+    with unionfs_mount([lower], upper, mnt, _opts(mode)):
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+        threads = [threading.Thread(target=reader, args=(name,)) for name in files]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert errors == []
+        helper = json.loads(os.getxattr(mnt, stats.XATTR))["helper"]
+    if mode == "fastpath":
+        assert helper["worker_reads"] > 0
+    else:
+        assert "worker_reads" not in helper

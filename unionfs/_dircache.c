@@ -28,10 +28,13 @@
 #include <errno.h>
 #include <fuse_lowlevel.h>
 #include <stdint.h>
+#include <sys/uio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
 #include <unistd.h>
+
+#include "_session.h"
 
 typedef struct fuse_session *(*session_new_fn)(struct fuse_args *,
                                                const struct fuse_lowlevel_ops *,
@@ -67,13 +70,16 @@ static struct {
     int fd;
 } slots[SLOTS];
 
-/* READs answered here: log2 buckets of nanoseconds, as stats.py counts. */
-#define BUCKETS 64
-static unsigned long long read_buckets[BUCKETS];
+/* READs answered here: log2 buckets of nanoseconds, as stats.py counts
+ * (incremented by the workers of _readpool.c too). */
+static unsigned long long read_buckets[UNIONFS_BUCKETS];
 
-/* The READ buffer, grown to the largest READ seen (the kernel's max_read). */
-static char *read_buf;
-static size_t read_buf_size;
+/* The buffer of the daemon's thread (workers have their own). */
+static struct unionfs_read_buffer main_buf;
+
+/* Queue READs of data not in the page cache for _readpool.c's workers. */
+static int pool_wanted;
+static long page_size = 4096; /* sysconf'd when the pool is enabled */
 
 static long long now_ns(void)
 {
@@ -82,15 +88,38 @@ static long long now_ns(void)
     return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
-static ssize_t pread_buffer(int fd, size_t size, off_t off)
+static void count_read(long long start)
 {
-    /* pread with the GIL released, as os.pread does, retried on EINTR as
-     * os.pread retries (the signal's Python handler runs later, on the loop). */
+    long long took = now_ns() - start;
+    unsigned b = took > 0 ? 64 - __builtin_clzll((unsigned long long)took) : 0;
+    __atomic_fetch_add(&read_buckets[b], 1, __ATOMIC_RELAXED);
+}
+
+static int grow(struct unionfs_read_buffer *buf, size_t size)
+{
+    if (size <= buf->size)
+        return 1;
+    char *grown = malloc(size);
+    if (grown == NULL)
+        return 0;
+    free(buf->mem);
+    buf->mem = grown;
+    buf->size = size;
+    return 1;
+}
+
+/*
+ * A blocking pread, with the GIL released if this thread holds it (as
+ * os.pread does), retried on EINTR as os.pread retries (the signal's Python
+ * handler runs later, on the loop).
+ */
+static ssize_t pread_blocking(int fd, char *mem, size_t size, off_t off)
+{
     ssize_t n;
     int holds_gil = PyGILState_Check();
     PyThreadState *ts = holds_gil ? PyEval_SaveThread() : NULL;
     do
-        n = pread(fd, read_buf, size, off);
+        n = pread(fd, mem, size, off);
     while (n < 0 && errno == EINTR);
     int saved = errno;
     if (holds_gil)
@@ -115,6 +144,11 @@ static ssize_t pread_buffer(int fd, size_t size, off_t off)
 #define SPLICE_MAX (128 * 1024)
 static int (*reply_data)(fuse_req_t, struct fuse_bufvec *, enum fuse_buf_copy_flags);
 
+static int spliced(size_t size)
+{
+    return size >= SPLICE_MIN && size <= SPLICE_MAX && reply_data != NULL;
+}
+
 static int splice_reply(fuse_req_t req, int fd, size_t size, off_t off)
 {
     struct fuse_bufvec bv = FUSE_BUFVEC_INIT(size);
@@ -129,22 +163,68 @@ static int splice_reply(fuse_req_t req, int fd, size_t size, off_t off)
     return r;
 }
 
-static int answer_read(fuse_req_t req, int fd, size_t size, off_t off)
+/* Answer a READ, waiting for the disk if need be (the daemon's thread or a worker). */
+static int answer_read(fuse_req_t req, int fd, size_t size, off_t off,
+                       struct unionfs_read_buffer *buf)
 {
-    if (size >= SPLICE_MIN && size <= SPLICE_MAX && reply_data != NULL)
+    if (spliced(size))
         return splice_reply(req, fd, size, off);
-    if (size > read_buf_size) {
-        char *grown = malloc(size);
-        if (grown == NULL)
-            return reply_err(req, ENOMEM);
-        free(read_buf);
-        read_buf = grown;
-        read_buf_size = size;
-    }
-    ssize_t n = pread_buffer(fd, size, off);
+    if (!grow(buf, size))
+        return reply_err(req, ENOMEM);
+    ssize_t n = pread_blocking(fd, buf->mem, size, off);
     if (n < 0)
         return reply_err(req, errno ? errno : EIO);
-    return reply_buf(req, read_buf, (size_t)n);
+    return reply_buf(req, buf->mem, (size_t)n);
+}
+
+/* How _readpool.c's workers answer. */
+static void pool_answer(fuse_req_t req, int fd, size_t size, off_t off,
+                        struct unionfs_read_buffer *buf, long long start)
+{
+    answer_read(req, fd, size, off, buf);
+    count_read(start);
+}
+
+/*
+ * Answer a READ from the page cache alone (RWF_NOWAIT): 1 if answered, 0 if
+ * its first bytes are not cached (a worker should wait for them), -1 if this
+ * cannot tell (RWF_NOWAIT refused: answer it blocking).  A spliced READ is
+ * probed by its first byte; a short read is finished blocking, which at the
+ * end of the file (a small file's only READ) costs no wait.
+ */
+static int answer_cached(fuse_req_t req, int fd, size_t size, off_t off)
+{
+    ssize_t n;
+    if (spliced(size)) {
+        char probe;
+        struct iovec v = {&probe, 1};
+        n = preadv2(fd, &v, 1, off, RWF_NOWAIT);
+        if (n < 0)
+            return errno == EAGAIN ? 0 : -1;
+        splice_reply(req, fd, size, off);
+        return 1;
+    }
+    if (!grow(&main_buf, size)) {
+        reply_err(req, ENOMEM);
+        return 1;
+    }
+    struct iovec v = {main_buf.mem, size};
+    n = preadv2(fd, &v, 1, off, RWF_NOWAIT);
+    if (n < 0)
+        return errno == EAGAIN ? 0 : -1;
+    if (n == 0 && size > 0)
+        return -1; /* at or past the end, or a hole it will not read: ask again, blocking */
+    if ((size_t)n < size && (off + n) % page_size == 0) {
+        /* Stopped at a page boundary: the next page may only be uncached, not
+         * past the end (a read that ends at the end of the file ends there
+         * only if the size is a multiple of a page: then this costs one pread
+         * that returns 0). */
+        ssize_t rest = pread_blocking(fd, main_buf.mem + n, size - (size_t)n, off + n);
+        if (rest > 0)
+            n += rest;
+    }
+    reply_buf(req, main_buf.mem, (size_t)n);
+    return 1;
 }
 
 static void fast_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
@@ -156,10 +236,17 @@ static void fast_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
         inner_read(req, ino, size, off, fi);
         return;
     }
+    int fd = slots[slot].fd;
     long long start = now_ns();
-    answer_read(req, slots[slot].fd, size, off);
-    long long took = now_ns() - start;
-    read_buckets[took > 0 ? 64 - __builtin_clzll((unsigned long long)took) : 0]++;
+    int cached = pool_wanted ? answer_cached(req, fd, size, off) : -1;
+    if (cached == 0 && unionfs_readpool_submit(req, fd, size, off, start, pool_answer)) {
+        unionfs_dispatch_answered(); /* the worker replies and counts */
+        return;
+    }
+    if (cached != 1)
+        answer_read(req, fd, size, off, &main_buf);
+    count_read(start);
+    unionfs_dispatch_answered();
 }
 
 /*
@@ -199,13 +286,16 @@ static void caching_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_inf
     inner_opendir(req, ino, fi);
 }
 
+/* libfuse, as dlopen'ed by fuse_session_new (this module does not link it). */
+static void *lib;
+
 struct fuse_session *fuse_session_new(struct fuse_args *args,
                                       const struct fuse_lowlevel_ops *op,
                                       size_t op_size, void *userdata)
 {
     static session_new_fn real;
     if (real == NULL) {
-        void *lib = dlopen("libfuse3.so.3", RTLD_NOW | RTLD_LOCAL);
+        lib = dlopen("libfuse3.so.3", RTLD_NOW | RTLD_LOCAL);
         if (lib != NULL) {
             real = (session_new_fn)dlvsym(lib, "fuse_session_new", "FUSE_3.0");
             reply_buf = (int (*)(fuse_req_t, const char *, size_t))dlsym(lib, "fuse_reply_buf");
@@ -216,7 +306,8 @@ struct fuse_session *fuse_session_new(struct fuse_args *args,
         if (real == NULL)
             return NULL;
     }
-    if ((enabled || acl_wanted || read_wanted) && op != NULL && op_size <= sizeof(patched)) {
+    if ((enabled || acl_wanted || read_wanted || unionfs_dispatch_wanted()) && op != NULL &&
+        op_size <= sizeof(patched)) {
         memset(&patched, 0, sizeof(patched));
         memcpy(&patched, op, op_size);
         if (enabled && op->opendir != NULL) {
@@ -229,11 +320,35 @@ struct fuse_session *fuse_session_new(struct fuse_args *args,
             patched.read = fast_read;
             read_used = 1;
         }
+        unionfs_dispatch_patch(&patched, lib, used);
         inner_init = op->init;
         patched.init = session_init;
         op = &patched;
     }
-    return real(args, op, op_size, userdata);
+    struct fuse_session *se = real(args, op, op_size, userdata);
+    unionfs_dispatch_session(se);
+    return se;
+}
+
+/*
+ * Defined here for the same reason: to run first.  READs still queued for
+ * _readpool.c's workers are answered before the session they reply to is
+ * freed, and bursts (_dispatch.c) forget it.
+ */
+void fuse_session_destroy(struct fuse_session *se)
+{
+    static void (*real)(struct fuse_session *);
+    if (real == NULL) {
+        void *from = lib != NULL ? lib : dlopen("libfuse3.so.3", RTLD_NOW | RTLD_LOCAL);
+        if (from != NULL)
+            real = (void (*)(struct fuse_session *))dlvsym(from, "fuse_session_destroy",
+                                                           "FUSE_3.0");
+        if (real == NULL)
+            return; /* cannot happen where fuse_session_new worked: leak, not crash */
+    }
+    unionfs_readpool_drain();
+    unionfs_dispatch_session(NULL);
+    real(se);
 }
 
 static PyObject *enable(PyObject *self, PyObject *unused)
@@ -253,9 +368,16 @@ static PyObject *enable_acl(PyObject *self, PyObject *unused)
     Py_RETURN_NONE;
 }
 
-static PyObject *enable_read(PyObject *self, PyObject *unused)
+static PyObject *enable_read(PyObject *self, PyObject *args)
 {
+    int pool = 1;
+    if (!PyArg_ParseTuple(args, "|p", &pool))
+        return NULL;
     read_wanted = 1;
+    pool_wanted = pool;
+    long page = sysconf(_SC_PAGESIZE);
+    if (page > 0)
+        page_size = page;
     Py_RETURN_NONE;
 }
 
@@ -303,10 +425,10 @@ static PyObject *clear_fds(PyObject *self, PyObject *unused)
 
 static PyObject *read_counts(PyObject *self, PyObject *unused)
 {
-    PyObject *out = PyList_New(BUCKETS);
+    PyObject *out = PyList_New(UNIONFS_BUCKETS);
     if (out == NULL)
         return NULL;
-    for (int b = 0; b < BUCKETS; b++) {
+    for (int b = 0; b < UNIONFS_BUCKETS; b++) {
         PyObject *n = PyLong_FromUnsignedLongLong(read_buckets[b]);
         if (n == NULL) {
             Py_DECREF(out);
@@ -317,8 +439,17 @@ static PyObject *read_counts(PyObject *self, PyObject *unused)
     return out;
 }
 
+static PyObject *pool_reads(PyObject *self, PyObject *unused)
+{
+    return PyLong_FromUnsignedLongLong(unionfs_readpool_submitted());
+}
+
 static PyMethodDef methods[] = {
-    {"enable_read", enable_read, METH_NOARGS, "Answer READ of registered handles in C."},
+    {"pool_reads", pool_reads, METH_NOARGS,
+     "READs answered by worker threads so far (their data was not in the page cache)."},
+    {"enable_read", enable_read, METH_VARARGS,
+     "enable_read(pool=True): answer READ of registered handles in C; with pool, READs of"
+     " data not in the page cache by worker threads."},
     {"read_active", read_active, METH_NOARGS, "Did a session start with READ answered in C?"},
     {"register", (PyCFunction)(void (*)(void))register_fd, METH_FASTCALL,
      "register(fh, fd): READs of handle fh are preads of fd; False if not taken."},
@@ -337,5 +468,8 @@ static struct PyModuleDef module = {
 
 PyMODINIT_FUNC PyInit__dircache(void)
 {
-    return PyModule_Create(&module);
+    PyObject *m = PyModule_Create(&module);
+    if (m != NULL && PyModule_AddFunctions(m, unionfs_dispatch_methods) < 0)
+        Py_CLEAR(m);
+    return m;
 }

@@ -210,6 +210,7 @@ class Daemon:
         #: and a start server's connection to its client (unionfs/server.py).
         self.lifelines = [fd for fd in (parent_fd, *lifelines) if fd is not None]
         self.stopped_by_signal = False
+        self.waiter: loop._Waiter | None = None
 
     def mount(self) -> None:
         cfg = self.cfg
@@ -247,8 +248,15 @@ class Daemon:
             self.ops = UnionOperations(self.stack, table, cfg, upper)
             self.ops.branches = _branches(cfg)
             # Before init: pyfuse3 before 3.5 makes its read lock there.
-            if not loop.install(cfg.spin_us):
+            helper = _session_helper() if cfg.fastpath else None
+            spun_out = getattr(helper, "burst_spun_out", None)
+            self.waiter = loop.install(cfg.spin_us, spun_out)
+            if self.waiter is None:
                 log.warning("this pyfuse3 has no trio hook: requests take trio's longer wait")
+            if helper is not None and not (
+                self.ops.dispatch_in_c(helper) and self.ops.entry_in_c(helper)
+            ):
+                log.warning("unknown EntryAttributes layout: requests dispatched in Python")
             pyfuse3.init(self.ops, cfg.mountpoint, cfg.fuse_options(is_root))
             fast = _fast_read_helper(cfg)
             if fast is not None:
@@ -286,6 +294,12 @@ class Daemon:
             nursery.start_soon(self._when_ready, ready_fd)
             for fd in self.lifelines:
                 nursery.start_soon(self._watch_parent, fd)
+            helper = self._dispatching_helper()
+            if helper is not None:
+                wakeup = loop.trio_wakeup_fd()
+                probe = None if self.waiter is None else self.waiter.others_ready
+                fd = -1 if wakeup is None else wakeup
+                helper.set_burst(self.cfg.spin_us, fd, probe, loop.POLL_MS)
             try:
                 await pyfuse3.main()
             except* ConnectionAbortedError:
@@ -293,7 +307,15 @@ class Daemon:
                 # unmount (seen when the last file of a lazily unmounted union
                 # closes): the session is over either way.
                 log.info("the kernel closed the FUSE connection")
+            finally:
+                if helper is not None:
+                    helper.set_burst(0, -1)  # trio's wake-up socket closes with trio.run
             nursery.cancel_scope.cancel()
+
+    def _dispatching_helper(self) -> Any:
+        """The C session helper if the session dispatches requests in C, else None."""
+        helper = _session_helper() if self.cfg.fastpath else None
+        return helper if helper is not None and helper.dispatch_active() else None
 
     async def _watch_parent(self, fd: int) -> None:
         """Unmount, as on SIGTERM, once the supervisor's end of the lifeline is closed."""

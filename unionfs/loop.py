@@ -87,9 +87,16 @@ class _Waiter:
     """``wait_readable`` that polls (busy, then blocking) before it parks in trio."""
 
     def __init__(
-        self, poll_ms: int = POLL_MS, yield_every: int = YIELD_EVERY, spin_us: int = SPIN_US
+        self,
+        poll_ms: int = POLL_MS,
+        yield_every: int = YIELD_EVERY,
+        spin_us: int = SPIN_US,
+        spun_out: Callable[[], bool] | None = None,
     ) -> None:
         self.poll_ms = poll_ms
+        #: True once if the C helper's last burst spun for the next request in
+        #: vain (unionfs/_dispatch.c): spinning again here would only double it.
+        self.spun_out = spun_out
         self.yield_every = yield_every
         self.spin_s = spin_us / 1e6
         #: A sleep that a request ends sooner than this is part of a burst (the
@@ -109,10 +116,11 @@ class _Waiter:
 
     async def wait_readable(self, fd: Any) -> None:
         self.waits += 1
-        if self.waits % self.yield_every and not self._others_ready():
+        if self.waits % self.yield_every and not self.others_ready():
             fileno = fd if type(fd) is int else fd.fileno()
             poller = self._pollers.get(fileno) or self._poller(fileno)
-            events = self._spin(poller) if self.spinning else None
+            spin = self.spinning and not (self.spun_out is not None and self.spun_out())
+            events = self._spin(poller) if spin else None
             if not events:
                 start = time.perf_counter()
                 events = poller.poll(self.poll_ms)
@@ -136,7 +144,7 @@ class _Waiter:
         if poller is None:
             poller = self._pollers[fileno] = select.poll()
             poller.register(fileno, select.POLLIN)
-            wakeup = _trio_wakeup_fd()
+            wakeup = trio_wakeup_fd()
             if wakeup is not None:
                 poller.register(wakeup, select.POLLIN)
         return poller
@@ -159,7 +167,7 @@ class _Waiter:
                 break
         return events
 
-    def _others_ready(self) -> bool:
+    def others_ready(self) -> bool:
         """Has trio something to run now (a handler past a checkpoint, a thread's result)?
 
         Blocking in poll then would hold that up until the next request or the
@@ -206,7 +214,7 @@ def runnable_probe() -> Callable[[], int]:
     return runnable
 
 
-def _trio_wakeup_fd() -> int | None:
+def trio_wakeup_fd() -> int | None:
     """The socket trio's threads and signal handlers write to, if this trio has one."""
     try:
         sock = trio._core._run.GLOBAL_RUN_CONTEXT.runner.entry_queue.wakeup.wakeup_sock
@@ -238,13 +246,14 @@ def trio_view(waiter: _Waiter | None = None) -> Any:
     return _View(trio, Lock=waiter.lock, lowlevel=lowlevel)
 
 
-def install(spin_us: int = SPIN_US) -> bool:
-    """Make pyfuse3 use the short wait; False if this pyfuse3 has no such hook.
+def install(spin_us: int = SPIN_US, spun_out: Callable[[], bool] | None = None) -> _Waiter | None:
+    """Make pyfuse3 use the short wait: the waiter, or None if this pyfuse3 has no such hook.
 
     Each call puts a fresh waiter in place (one per mount: what it caches
-    belongs to one ``trio.run``).
+    belongs to one ``trio.run``).  ``spun_out``: see ``_Waiter``.
     """
     if getattr(pyfuse3, "trio", None) is not trio and not isinstance(pyfuse3.trio, _View):
-        return False
-    pyfuse3.trio = trio_view(_Waiter(spin_us=spin_us))  # type: ignore[attr-defined]
-    return True
+        return None
+    waiter = _Waiter(spin_us=spin_us, spun_out=spun_out)
+    pyfuse3.trio = trio_view(waiter)  # type: ignore[attr-defined]
+    return waiter

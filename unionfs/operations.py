@@ -51,17 +51,22 @@ def _guard(fn: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
     and calling one directly saves a coroutine per request.  A handler whose
     slow path must wait returns a coroutine for it, which is awaited here.
     """
-    buckets = stats.COUNTERS.buckets(fn.__name__)
+    name = fn.__name__
+    buckets = stats.COUNTERS.buckets(name)
     clock = time.perf_counter_ns
     coroutine = types.CoroutineType
+    handoff = _HANDOFF
 
     @functools.wraps(fn)
     async def wrapper(*args: Any) -> Any:
         start = clock()
         try:
-            result = fn(*args)
-            if type(result) is coroutine:
-                result = await result
+            if handoff and handoff[-1][0] == name:  # the C helper called fn: its coroutine
+                result = await handoff.pop()[1]
+            else:
+                result = fn(*args)
+                if type(result) is coroutine:
+                    result = await result
             return result
         except pyfuse3.FUSEError:
             raise
@@ -74,6 +79,85 @@ def _guard(fn: Callable[..., Any]) -> Callable[..., Awaitable[Any]]:
             buckets[(clock() - start).bit_length()] += 1
 
     return wrapper
+
+
+#: The coroutine of a request whose handler the C session helper called, which
+#: returned it (its slow path waits): the helper puts it here, with the
+#: handler's name, and lets pyfuse3 dispatch the request, whose ``_guard``
+#: awaits it instead of calling the handler a second time.  pyfuse3 starts that
+#: dispatch as soon as the helper returns, so this holds one item at most, for
+#: no longer than that (unionfs/_dispatch.c).
+_HANDOFF: list[tuple[str, Any]] = []
+
+
+#: The fields of an os.stat_result that replies carry (``_entry_py``).
+_STAT_FIELDS = (
+    "st_mode",
+    "st_uid",
+    "st_gid",
+    "st_size",
+    "st_atime_ns",
+    "st_mtime_ns",
+    "st_ctime_ns",
+    "st_blocks",
+    "st_rdev",
+)
+
+
+def _entry_py(
+    st: os.stat_result,
+    ino: int,
+    nlink: int,
+    blksize: int,
+    entry_timeout: float,
+    attr_timeout: float,
+) -> pyfuse3.EntryAttributes:
+    """An EntryAttributes of ``st``, in Python: what the C helper's
+    ``entry_attributes`` makes.  Every field is set but ``generation`` (0 from
+    pyfuse3's constructor) and ``st_dev`` (the kernel sets its own)."""
+    a = pyfuse3.EntryAttributes()
+    a.st_ino = ino
+    a.entry_timeout = entry_timeout
+    a.attr_timeout = attr_timeout
+    a.st_mode = st.st_mode
+    a.st_nlink = nlink
+    a.st_uid = st.st_uid
+    a.st_gid = st.st_gid
+    a.st_rdev = st.st_rdev
+    a.st_size = st.st_size
+    a.st_blksize = blksize
+    a.st_blocks = st.st_blocks
+    a.st_atime_ns = st.st_atime_ns
+    a.st_mtime_ns = st.st_mtime_ns
+    a.st_ctime_ns = st.st_ctime_ns
+    return a
+
+
+def _layout_sample() -> pyfuse3.EntryAttributes:
+    """An EntryAttributes with the values the C helper must read back where it
+    expects them (``enable_dispatch``, ``enable_entries``)."""
+    sample = pyfuse3.EntryAttributes()
+    sample.st_ino, sample.st_size, sample.st_mode = 0x1234567, 0x7654321, 0o100640
+    sample.attr_timeout, sample.entry_timeout = 1.5, 2.5
+    return sample
+
+
+def _log_unexpected(name: str, what: Any) -> None:
+    """How a request answered from C reports what ``_guard`` would log.
+
+    ``what`` is the exception, or for a "hand-off" a stale item of
+    ``_HANDOFF`` (pyfuse3 never ran its request; the helper drops it).
+    """
+    if isinstance(what, BaseException):
+        log.error("unexpected error in %s", name, exc_info=what)
+    else:
+        log.error("dropped a %s that pyfuse3 never ran: %r", name, what)
+        what[1].close()
+
+
+async def _reraise(exc: BaseException) -> None:
+    """What the C helper hands pyfuse3 for a SystemExit or KeyboardInterrupt: ``_guard``'s way."""
+    raise exc
 
 
 def _start_reading(fd: int) -> None:
@@ -154,6 +238,8 @@ class UnionOperations(pyfuse3.Operations):
         self._next_fh = 1
         #: The C session helper when it answers READs (``read_in_c``), else None.
         self._fast: Any = None
+        #: What makes a reply's EntryAttributes (``_attrs``; ``entry_in_c``).
+        self._entry: Callable[..., pyfuse3.EntryAttributes] = _entry_py
         #: Absolute upper, work dir and lowers, as ``unionfs stats`` reports them
         #: (set by the daemon, which knows the directory it was started in).
         self.branches: dict[str, Any] | None = None
@@ -179,33 +265,36 @@ class UnionOperations(pyfuse3.Operations):
     def _attrs(self, node: Node, st: os.stat_result) -> pyfuse3.EntryAttributes:
         """The single place where replies' attributes and timeouts are made.
 
-        Every field is set but ``generation`` (0 from pyfuse3's constructor):
-        this runs once per reply and per listed entry.
+        Runs once per reply and per listed entry: the fields are written by
+        ``self._entry`` (in C when the helper can, ``entry_in_c``).
         """
-        a = pyfuse3.EntryAttributes()
-        a.st_ino = node.ino
-        a.entry_timeout = self.config.entry_timeout
-        a.attr_timeout = self.config.attr_timeout
-        a.st_mode = st.st_mode
         # Like overlayfs: counting subdirectories of a merged directory is not
         # worth it, and nlink=1 tells find not to rely on the count.
         if node.dir_layers is not None and not node.unlinked:
-            a.st_nlink = 1 if len(node.dir_layers) > 1 else st.st_nlink
+            nlink = 1 if len(node.dir_layers) > 1 else st.st_nlink
         else:
             extra = node.lower_links
-            a.st_nlink = st.st_nlink if extra is None else st.st_nlink - 1 + extra
-        a.st_uid = st.st_uid
-        a.st_gid = st.st_gid
-        a.st_rdev = st.st_rdev
-        a.st_size = st.st_size
-        a.st_blksize = BLKSIZE if st.st_blksize < BLKSIZE else st.st_blksize
-        a.st_blocks = st.st_blocks
-        a.st_atime_ns = st.st_atime_ns
-        a.st_mtime_ns = st.st_mtime_ns
-        a.st_ctime_ns = st.st_ctime_ns
+            nlink = st.st_nlink if extra is None else st.st_nlink - 1 + extra
+        blksize = BLKSIZE if st.st_blksize < BLKSIZE else st.st_blksize
+        cfg = self.config
+        a = self._entry(st, node.ino, nlink, blksize, cfg.entry_timeout, cfg.attr_timeout)
         if self.owners is not None:
             a.st_mode, a.st_uid, a.st_gid, a.st_rdev = self._presented(node, st)
         return a
+
+    def entry_in_c(self, helper: Any) -> bool:
+        """Make replies' attributes with the C session helper (``entry_attributes``).
+
+        pyfuse3's EntryAttributes takes its fields through one Python property
+        call each; the helper writes them into the C struct directly.  False
+        (and the Python way kept) if this pyfuse3 lays the struct out otherwise.
+        """
+        probe = os.stat_result(tuple(range(os.stat_result.n_fields)))
+        helper.entry_fields(os.stat_result, [getattr(probe, f) for f in _STAT_FIELDS])
+        if not helper.enable_entries(_layout_sample()):
+            return False
+        self._entry = helper.entry_attributes
+        return True
 
     def _presented(self, node: Node, st: os.stat_result) -> tuple[int, int, int, int]:
         """Owner, mode and device an object shows: its recorded override, if any."""
@@ -343,6 +432,10 @@ class UnionOperations(pyfuse3.Operations):
         return attrs
 
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        self.forget_now(inode_list)
+
+    def forget_now(self, inode_list: list[tuple[int, int]]) -> None:
+        """``forget`` without a coroutine (the C helper calls it)."""
         try:
             for inode, n in inode_list:
                 self.table.forget(inode, n)
@@ -472,6 +565,43 @@ class UnionOperations(pyfuse3.Operations):
         for fh, handle in self._files.items():
             helper.register(fh, handle.fd)
         stats.COUNTERS.add_source("read", helper.read_counts)
+        # READs that waited for the disk in its worker threads (_readpool.c).
+        stats.COUNTERS.helper["worker_reads"] = helper.pool_reads
+
+    def dispatch_in_c(self, helper: Any) -> bool:
+        """Let the C session helper call the plain handlers of its request types.
+
+        Before the session starts.  It calls what ``_guard`` wraps, maps
+        exceptions as ``_guard`` does and replies from C, skipping pyfuse3's
+        dispatch (a coroutine, a RequestContext and the reply in Cython per
+        request); a handler that returns a coroutine goes on through pyfuse3
+        (``_HANDOFF``).  False if this pyfuse3's EntryAttributes is not laid
+        out as the helper reads it.
+        """
+        names = helper.dispatched()
+        table = {
+            name: getattr(type(self), name).__wrapped__.__get__(self)
+            for name in names
+            if name != "forget"
+        }
+        table["forget"] = self.forget_now
+        args = (
+            table,
+            _layout_sample(),
+            pyfuse3.FileInfo,
+            pyfuse3.FUSEError,
+            _log_unexpected,
+            _HANDOFF,
+            _reraise,
+        )
+        if not helper.enable_dispatch(*args):
+            return False
+        for name in names:
+            stats.COUNTERS.add_source(name, functools.partial(helper.dispatch_counts, name))
+        # Requests its bursts read in C, after one it answered (_dispatch.c).
+        stats.COUNTERS.helper["bursts"] = lambda: helper.burst_counts()["bursts"]
+        stats.COUNTERS.helper["burst_requests"] = lambda: helper.burst_counts()["requests"]
+        return True
 
     @_guard
     def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> Any:

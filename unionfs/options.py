@@ -86,7 +86,8 @@ class MountConfig:
     fsname: str = "unionfs"
     read_ahead_kb: int | None = 1024
     dircache: bool = True
-    #: READs of plain descriptors answered by the C session helper (``nofastpath``: in Python).
+    #: The C session helper answers READs, dispatches the common requests and makes
+    #: replies (``nofastpath``: all of it through pyfuse3, in Python).
     fastpath: bool = True
     acl: bool = True
     volatile: bool = False

@@ -59,6 +59,9 @@ class Counters:
         self.copyups = {"count": 0, "bytes": 0, "ns": 0}
         #: request type -> buckets counted elsewhere (the C session helper's READs).
         self.sources: dict[str, Callable[[], list[int]]] = {}
+        #: What the C session helper did beyond answering requests (its bursts,
+        #: its worker threads' reads), by name: a function that counts it.
+        self.helper: dict[str, Callable[[], int]] = {}
 
     def buckets(self, request: str) -> list[int]:
         return self.requests.setdefault(request, [0] * BUCKETS)
@@ -152,6 +155,7 @@ def snapshot(
         "held": dict(sizes or {}),
         # Of the requests above, how many the C session helper answered.
         "in_c": {name: sum(source()) for name, source in sorted(c.sources.items())},
+        "helper": {name: count() for name, count in c.helper.items()},
     }
 
 
@@ -222,6 +226,8 @@ def render(s: dict[str, Any]) -> str:
         lines.append("held: " + ", ".join(f"{k} {v}" for k, v in s["held"].items()))
     if s.get("in_c"):
         lines.append("answered in C: " + ", ".join(f"{k} {v}" for k, v in s["in_c"].items()))
+    if s.get("helper"):
+        lines.append("C helper: " + ", ".join(f"{k} {v}" for k, v in s["helper"].items()))
     lines.append("(latency: upper bound of a log2 bucket, from the daemon's view)")
     return "\n".join(lines)
 

@@ -81,18 +81,9 @@ static struct unionfs_read_buffer main_buf;
 static int pool_wanted;
 static long page_size = 4096; /* sysconf'd when the pool is enabled */
 
-static long long now_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
-}
-
 static void count_read(long long start)
 {
-    long long took = now_ns() - start;
-    unsigned b = took > 0 ? 64 - __builtin_clzll((unsigned long long)took) : 0;
-    __atomic_fetch_add(&read_buckets[b], 1, __ATOMIC_RELAXED);
+    __atomic_fetch_add(&read_buckets[unionfs_bucket_since(start)], 1, __ATOMIC_RELAXED);
 }
 
 static int grow(struct unionfs_read_buffer *buf, size_t size)
@@ -237,7 +228,7 @@ static void fast_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
         return;
     }
     int fd = slots[slot].fd;
-    long long start = now_ns();
+    long long start = unionfs_now_ns();
     int cached = pool_wanted ? answer_cached(req, fd, size, off) : -1;
     if (cached == 0 && unionfs_readpool_submit(req, fd, size, off, start, pool_answer)) {
         unionfs_dispatch_answered(); /* the worker replies and counts */
@@ -425,18 +416,7 @@ static PyObject *clear_fds(PyObject *self, PyObject *unused)
 
 static PyObject *read_counts(PyObject *self, PyObject *unused)
 {
-    PyObject *out = PyList_New(UNIONFS_BUCKETS);
-    if (out == NULL)
-        return NULL;
-    for (int b = 0; b < UNIONFS_BUCKETS; b++) {
-        PyObject *n = PyLong_FromUnsignedLongLong(read_buckets[b]);
-        if (n == NULL) {
-            Py_DECREF(out);
-            return NULL;
-        }
-        PyList_SET_ITEM(out, b, n);
-    }
-    return out;
+    return unionfs_bucket_list(read_buckets);
 }
 
 static PyObject *pool_reads(PyObject *self, PyObject *unused)

@@ -101,17 +101,9 @@ static int (*reply_xattr)(fuse_req_t, size_t);
 static void (*reply_none)(fuse_req_t);
 static const struct fuse_ctx *(*req_ctx)(fuse_req_t);
 
-static long long clock_ns(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
-}
-
 static void count(enum op op, long long start)
 {
-    long long took = clock_ns() - start;
-    buckets[op][took > 0 ? 64 - __builtin_clzll((unsigned long long)took) : 0]++;
+    buckets[op][unionfs_bucket_since(start)]++;
 }
 
 /* ---- the request context ------------------------------------------------ */
@@ -377,7 +369,7 @@ static int next_request(int fd)
             r = p > 0 && (fds[0].revents & POLLIN) && !(n == 2 && fds[1].revents) ? 1 : -1;
             break;
         }
-        long long now = clock_ns();
+        long long now = unionfs_now_ns();
         if (end == 0)
             end = now + spin_ns;
         else if (now >= end)
@@ -451,7 +443,7 @@ void unionfs_dispatch_answered(void)
 static void fast_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
 {
     PyGILState_STATE g = PyGILState_Ensure();
-    long long start = clock_ns();
+    long long start = unionfs_now_ns();
     PyObject *args[] = {PyLong_FromUnsignedLongLong(parent), PyBytes_FromString(name),
                         context_of(req)};
     PyObject *r = call(OP_LOOKUP, args, 3);
@@ -475,7 +467,7 @@ static void fast_lookup(fuse_req_t req, fuse_ino_t parent, const char *name)
 static void fast_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
     PyGILState_STATE g = PyGILState_Ensure();
-    long long start = clock_ns();
+    long long start = unionfs_now_ns();
     PyObject *args[] = {PyLong_FromUnsignedLongLong(ino), context_of(req)};
     PyObject *r = call(OP_GETATTR, args, 2);
     int handed = hand_off_coroutine(OP_GETATTR, r, req);
@@ -499,7 +491,7 @@ static void fast_getattr(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *
 static void fast_readlink(fuse_req_t req, fuse_ino_t ino)
 {
     PyGILState_STATE g = PyGILState_Ensure();
-    long long start = clock_ns();
+    long long start = unionfs_now_ns();
     PyObject *args[] = {PyLong_FromUnsignedLongLong(ino), context_of(req)};
     PyObject *r = call(OP_READLINK, args, 2);
     int handed = hand_off_coroutine(OP_READLINK, r, req);
@@ -548,7 +540,7 @@ static int file_info_into(PyObject *info, struct fuse_file_info *fi)
 static void fast_open(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
     PyGILState_STATE g = PyGILState_Ensure();
-    long long start = clock_ns();
+    long long start = unionfs_now_ns();
     PyObject *args[] = {PyLong_FromUnsignedLongLong(ino), PyLong_FromLong(fi->flags),
                         context_of(req)};
     PyObject *r = call(OP_OPEN, args, 3);
@@ -582,7 +574,7 @@ static void release_common(enum op op, fuse_req_t req, fuse_ino_t ino, struct fu
                            void (*inner)(fuse_req_t, fuse_ino_t, struct fuse_file_info *))
 {
     PyGILState_STATE g = PyGILState_Ensure();
-    long long start = clock_ns();
+    long long start = unionfs_now_ns();
     PyObject *args[] = {PyLong_FromUnsignedLongLong(fi->fh)};
     PyObject *r = call(op, args, 1);
     int handed = hand_off_coroutine(op, r, req);
@@ -613,7 +605,7 @@ static void fast_releasedir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_inf
 static void fast_opendir(fuse_req_t req, fuse_ino_t ino, struct fuse_file_info *fi)
 {
     PyGILState_STATE g = PyGILState_Ensure();
-    long long start = clock_ns();
+    long long start = unionfs_now_ns();
     PyObject *args[] = {PyLong_FromUnsignedLongLong(ino), context_of(req)};
     PyObject *r = call(OP_OPENDIR, args, 2);
     int handed = hand_off_coroutine(OP_OPENDIR, r, req);
@@ -658,7 +650,7 @@ static void reply_value(fuse_req_t req, const char *data, size_t len, size_t siz
 static void fast_getxattr(fuse_req_t req, fuse_ino_t ino, const char *name, size_t size)
 {
     PyGILState_STATE g = PyGILState_Ensure();
-    long long start = clock_ns();
+    long long start = unionfs_now_ns();
     PyObject *args[] = {PyLong_FromUnsignedLongLong(ino), PyBytes_FromString(name),
                         context_of(req)};
     PyObject *r = call(OP_GETXATTR, args, 3);
@@ -712,7 +704,7 @@ static PyObject *joined_names(PyObject *names)
 static void fast_listxattr(fuse_req_t req, fuse_ino_t ino, size_t size)
 {
     PyGILState_STATE g = PyGILState_Ensure();
-    long long start = clock_ns();
+    long long start = unionfs_now_ns();
     PyObject *args[] = {PyLong_FromUnsignedLongLong(ino), context_of(req)};
     PyObject *r = call(OP_LISTXATTR, args, 2);
     int handed = hand_off_coroutine(OP_LISTXATTR, r, req);
@@ -737,7 +729,7 @@ static void fast_listxattr(fuse_req_t req, fuse_ino_t ino, size_t size)
 /* FORGET and BATCH_FORGET: the handler takes [(inode, count), ...]; no reply but "none". */
 static void forget_list(fuse_req_t req, PyObject *list)
 {
-    long long start = clock_ns();
+    long long start = unionfs_now_ns();
     PyObject *args[] = {list};
     PyObject *r = call(OP_FORGET, args, 1);
     if (r == NULL)
@@ -1039,18 +1031,24 @@ static PyObject *dispatch_counts(PyObject *self, PyObject *name)
     for (int op = 0; op < N_OPS; op++) {
         if (strcmp(s, op_names[op]) != 0)
             continue;
-        PyObject *out = PyList_New(UNIONFS_BUCKETS);
-        for (int b = 0; out != NULL && b < UNIONFS_BUCKETS; b++) {
-            PyObject *n = PyLong_FromUnsignedLongLong(buckets[op][b]);
-            if (n == NULL)
-                Py_CLEAR(out);
-            else
-                PyList_SET_ITEM(out, b, n);
-        }
-        return out;
+        return unionfs_bucket_list(buckets[op]);
     }
     PyErr_Format(PyExc_KeyError, "%R", name);
     return NULL;
+}
+
+PyObject *unionfs_bucket_list(const unsigned long long *counts)
+{
+    PyObject *out = PyList_New(UNIONFS_BUCKETS);
+    for (int b = 0; out != NULL && b < UNIONFS_BUCKETS; b++) {
+        PyObject *n = PyLong_FromUnsignedLongLong(
+            __atomic_load_n(&counts[b], __ATOMIC_RELAXED)); /* READ's are bumped by workers */
+        if (n == NULL)
+            Py_CLEAR(out);
+        else
+            PyList_SET_ITEM(out, b, n);
+    }
+    return out;
 }
 
 static PyObject *dispatched(PyObject *self, PyObject *unused)

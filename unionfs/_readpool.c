@@ -23,7 +23,7 @@
  * reply goes to a freed session.
  */
 #define FUSE_USE_VERSION 35
-#include <Python.h> /* only for _session.h's PyMethodDef */
+#include <Python.h> /* only for _session.h's Python types */
 #include <errno.h>
 #include <fuse_lowlevel.h>
 #include <pthread.h>

@@ -14,6 +14,22 @@
 /* Log2 buckets of nanoseconds, as unionfs/stats.py counts latencies. */
 #define UNIONFS_BUCKETS 64
 
+#include <time.h>
+
+static inline long long unionfs_now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
+/* The bucket of a request that started at start (unionfs_now_ns). */
+static inline unsigned unionfs_bucket_since(long long start)
+{
+    long long took = unionfs_now_ns() - start;
+    return took > 0 ? 64 - (unsigned)__builtin_clzll((unsigned long long)took) : 0;
+}
+
 #include <fuse_lowlevel.h>
 
 /* Put the dispatching callbacks in table (libfuse: dlopen's handle), if
@@ -46,6 +62,8 @@ UNIONFS_HIDDEN unsigned long long unionfs_readpool_submitted(void);
 /* Wait until every queued READ is answered. */
 UNIONFS_HIDDEN void unionfs_readpool_drain(void);
 
+/* A list of UNIONFS_BUCKETS counts, as stats.py's sources return them. */
+UNIONFS_HIDDEN PyObject *unionfs_bucket_list(const unsigned long long *counts);
 /* The Python functions of _dispatch.c, added to the module's own. */
 UNIONFS_HIDDEN extern PyMethodDef unionfs_dispatch_methods[];
 

@@ -318,3 +318,70 @@ async def test_the_lock_survives_a_cancelled_waiter_and_a_failing_holder():
     assert not lock.locked() and woken == [0]
     async with lock:
         assert lock.locked()
+
+
+async def test_a_long_idle_wait_ends_at_trios_next_deadline(pipe):
+    r, w = pipe
+    waiter = loop._Waiter(poll_ms=60_000, yield_every=1000, spin_us=0)
+
+    async def write_later() -> None:  # a sleep: only trio's clock knows when it ends
+        await trio.sleep(0.05)
+        os.write(w, b"x")
+
+    with trio.fail_after(10):  # a wait past the deadline would take the full minute
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(write_later)
+            await trio.sleep(0)  # it sleeps: nothing for trio to run
+            t0 = time.monotonic()
+            await waiter.wait_readable(r)
+            assert time.monotonic() - t0 < 5
+    assert os.read(r, 1) == b"x"
+
+
+async def test_a_descriptor_another_task_waits_for_ends_the_wait(pipe):
+    """A task parked in trio on another descriptor (a supervisor's pipe, inotify):
+    when that descriptor fires, the wait lets trio run the task at once."""
+    r, w = pipe
+    r2, w2 = os.pipe()
+    waiter = loop._Waiter(poll_ms=60_000, yield_every=1000, spin_us=0)
+
+    async def watcher(task_status=trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        await trio.lowlevel.wait_readable(r2)
+        os.write(w, b"x")  # what its event leads to
+
+    try:
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                await nursery.start(watcher)
+                await trio.sleep(0)  # it parks in trio's epoll
+                threading.Timer(0.05, os.write, (w2, b"y")).start()
+                t0 = time.monotonic()
+                await waiter.wait_readable(r)
+                assert time.monotonic() - t0 < 5
+        assert os.read(r, 1) == b"x"
+    finally:
+        os.close(r2)
+        os.close(w2)
+
+
+async def test_a_request_after_a_pause_is_read_straight_from_the_poll(pipe, monkeypatch):
+    """A client that pauses (a new process, an interpreter computing) longer than
+    any busy wait: its request still skips trio's round trip."""
+    r, w = pipe
+    waiter = loop._Waiter(spin_us=0)  # the defaults, as a mount has them
+    through_trio = 0
+    trio_wait = trio.lowlevel.wait_readable
+
+    async def counted(fd: object) -> None:
+        nonlocal through_trio
+        through_trio += 1
+        await trio_wait(fd)
+
+    monkeypatch.setattr(trio.lowlevel, "wait_readable", counted)
+    with trio.fail_after(10):
+        for pause in (0.005, 0.02, 0.1):
+            threading.Timer(pause, os.write, (w, b"x")).start()
+            await waiter.wait_readable(r)
+            assert os.read(r, 1) == b"x"
+    assert through_trio == 0

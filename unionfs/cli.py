@@ -299,7 +299,7 @@ class Daemon:
                 wakeup = loop.trio_wakeup_fd()
                 probe = None if self.waiter is None else self.waiter.others_ready
                 fd = -1 if wakeup is None else wakeup
-                helper.set_burst(self.cfg.spin_us, fd, probe, loop.POLL_MS)
+                helper.set_burst(self.cfg.spin_us, fd, probe, loop.BURST_WAIT_MS)
             try:
                 await pyfuse3.main()
             except* ConnectionAbortedError:

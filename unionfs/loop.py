@@ -21,18 +21,26 @@ count, its termination) as it is:
   still park on it and get it when it is free.
 - ``lowlevel.wait_readable`` first waits for the descriptor in ``poll``:
   during a burst of requests busy for up to ``SPIN_US`` (no sleep to wake
-  from), then blocking for at most ``POLL_MS``: a client in a loop sends its
-  next request within microseconds, and it is read without trio's round
-  trip, nor the wake-up of a sleeping daemon.  It waits
-  through trio instead when trio has a task ready to run (a handler past a
-  checkpoint, whose client is waiting for it; not a reader woken by the
-  lock, which would only park again), when nothing came in time, and on
-  every ``YIELD_EVERY``-th wait whatever happens, so trio's other tasks
-  (signals, worker thread results) run at least that often.
+  from), then blocking: a client in a loop sends its next request within
+  microseconds, and it is read without trio's round trip, nor the wake-up of
+  a sleeping daemon.  The blocking wait is the one trio itself would make:
+  it also wakes for whatever trio waits for (its epoll descriptor: other
+  tasks' descriptors, worker threads' results, signals) and ends at trio's
+  next deadline (a task's sleep or timeout), at most ``POLL_MS``.  So a
+  client that pauses between requests (an interpreter, a program that
+  computes, a new process starting) finds the daemon asleep right on the
+  descriptor, not in trio's loop, which costs every such request its round
+  trip.  It waits through trio instead when trio has a task ready to run (a
+  handler past a checkpoint, whose client is waiting for it; not a reader
+  woken by the lock, which would only park again), when trio's own wait
+  would have ended (one of its events, its deadline), and on every
+  ``YIELD_EVERY``-th wait whatever happens, so trio's other tasks run at
+  least that often.
 """
 
 from __future__ import annotations
 
+import math
 import select
 import time
 from collections.abc import Callable
@@ -41,8 +49,15 @@ from typing import Any
 import pyfuse3
 import trio
 
-#: Longest blocking wait outside trio (ms): the most other tasks wait for it.
-POLL_MS = 1
+#: Longest blocking wait outside trio (ms).  It wakes for all that trio waits
+#: for and ends at trio's next deadline (``_Waiter``), so this only bounds what
+#: a trio without those internals could miss: then the wait is ``FALLBACK_MS``.
+POLL_MS = 1000
+#: The blocking wait where trio's deadlines and epoll descriptor are unknown.
+FALLBACK_MS = 1
+#: The C helper's blocking wait for the next request of a burst (ms): it ends
+#: the burst when nothing came (unionfs/_dispatch.c); this waiter takes over.
+BURST_WAIT_MS = 1
 #: One wait in this many goes through trio's scheduler even under load.
 YIELD_EVERY = 32
 #: Longest busy wait for the next request before sleeping (us; ``-o spin_us=``).
@@ -109,6 +124,8 @@ class _Waiter:
         self.woken = [0]
         self._pollers: dict[int, select.poll] = {}
         self._runnable: Callable[[], int] | None = None
+        #: How long the blocking wait may last now (ms; ``_poller`` sets it).
+        self._timeout: Callable[[], float] = lambda: min(self.poll_ms, FALLBACK_MS)
 
     def lock(self) -> BargingLock:
         """A reader lock whose woken waiters this waiter knows to ignore."""
@@ -123,7 +140,7 @@ class _Waiter:
             events = self._spin(poller) if spin else None
             if not events:
                 start = time.perf_counter()
-                events = poller.poll(self.poll_ms)
+                events = poller.poll(self._timeout())
                 if events:
                     elapsed = time.perf_counter() - start
                     self.spinning = self.spin_s > 0 and elapsed < self.rearm_s
@@ -134,11 +151,14 @@ class _Waiter:
         await trio.lowlevel.wait_readable(fd)
 
     def _poller(self, fileno: int) -> select.poll:
-        """A poll set of ``fileno`` and trio's wake-up socket.
+        """A poll set of ``fileno`` and what trio's own wait would wake for.
 
         trio's worker threads (a big copy-up's data) and signal handlers
-        report through that socket: when it fires, the wait goes through
-        trio, which runs what it reported, instead of sleeping on.
+        report through its wake-up socket, other tasks wait for their
+        descriptors (a supervisor's pipe, inotify) in its epoll descriptor:
+        when one fires, the wait goes through trio, which runs what it
+        reported, instead of sleeping on.  Where trio's epoll descriptor or
+        deadlines cannot be read, the wait lasts ``FALLBACK_MS`` at most.
         """
         poller = self._pollers.get(fileno)
         if poller is None:
@@ -147,6 +167,12 @@ class _Waiter:
             wakeup = trio_wakeup_fd()
             if wakeup is not None:
                 poller.register(wakeup, select.POLLIN)
+            sleep = trio_sleep_view()
+            if sleep is not None:
+                epoll_fd, until_deadline = sleep
+                poller.register(epoll_fd, select.POLLIN)
+                cap = self.poll_ms
+                self._timeout = lambda: min(until_deadline(), cap)
         return poller
 
     def _spin(self, poller: select.poll) -> list[tuple[int, int]]:
@@ -221,6 +247,29 @@ def trio_wakeup_fd() -> int | None:
         return int(sock.fileno())
     except (AttributeError, TypeError, OSError):
         return None
+
+
+def trio_sleep_view() -> tuple[int, Callable[[], float]] | None:
+    """trio's epoll descriptor, and a function of the ms until its next deadline.
+
+    Together they are what trio's run loop sleeps on when it has nothing to
+    run (``epoll_wait`` on that descriptor until the next deadline), so a wait
+    on both misses nothing trio would have woken for.  None if this trio has
+    no such internals.  Call inside ``trio.run``.
+    """
+    try:
+        runner = trio._core._run.GLOBAL_RUN_CONTEXT.runner
+        epoll_fd = int(runner.io_manager._epoll.fileno())
+        deadlines, clock = runner.deadlines, runner.clock
+        deadlines.next_deadline(), clock.deadline_to_sleep_time(math.inf)
+    except (AttributeError, TypeError, ValueError, OSError):
+        return None
+
+    def until_deadline() -> float:
+        seconds = clock.deadline_to_sleep_time(deadlines.next_deadline())
+        return max(0.0, math.ceil(seconds * 1000.0)) if seconds < math.inf else math.inf
+
+    return epoll_fd, until_deadline
 
 
 def _runnable_by_statistics() -> int:

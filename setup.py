@@ -25,7 +25,12 @@ setup(
     ext_modules=[
         Extension(
             "unionfs._dircache",
-            sources=["unionfs/_dircache.c", "unionfs/_dispatch.c", "unionfs/_readpool.c"],
+            sources=[
+                "unionfs/_dircache.c",
+                "unionfs/_dispatch.c",
+                "unionfs/_readpool.c",
+                "unionfs/_prefetch.c",
+            ],
             depends=["unionfs/_session.h"],
             extra_compile_args=fuse3_cflags(),
             libraries=["dl", "pthread"],

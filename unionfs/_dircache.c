@@ -449,7 +449,8 @@ static struct PyModuleDef module = {
 PyMODINIT_FUNC PyInit__dircache(void)
 {
     PyObject *m = PyModule_Create(&module);
-    if (m != NULL && PyModule_AddFunctions(m, unionfs_dispatch_methods) < 0)
+    if (m != NULL && (PyModule_AddFunctions(m, unionfs_dispatch_methods) < 0 ||
+                      PyModule_AddFunctions(m, unionfs_prefetch_methods) < 0))
         Py_CLEAR(m);
     return m;
 }

@@ -2,7 +2,8 @@
  * What the parts of the C session helper (unionfs._dircache) share:
  * _dircache.c, which takes pyfuse3's place in fuse_session_new and answers
  * READ, _dispatch.c, whose callbacks it puts in the operations table, and
- * _readpool.c, whose workers answer READs that would wait for the disk.  Hidden: the
+ * _readpool.c, whose workers answer READs that would wait for the disk, and
+ * _prefetch.c, whose workers read cold directories ahead of lookups.  Hidden: the
  * module is loaded RTLD_GLOBAL (for fuse_session_new), and these names are
  * nobody else's business.
  */
@@ -64,7 +65,8 @@ UNIONFS_HIDDEN void unionfs_readpool_drain(void);
 
 /* A list of UNIONFS_BUCKETS counts, as stats.py's sources return them. */
 UNIONFS_HIDDEN PyObject *unionfs_bucket_list(const unsigned long long *counts);
-/* The Python functions of _dispatch.c, added to the module's own. */
+/* The Python functions of _dispatch.c and _prefetch.c, added to the module's own. */
 UNIONFS_HIDDEN extern PyMethodDef unionfs_dispatch_methods[];
+UNIONFS_HIDDEN extern PyMethodDef unionfs_prefetch_methods[];
 
 #endif

@@ -261,6 +261,8 @@ class Daemon:
             fast = _fast_read_helper(cfg)
             if fast is not None:
                 self.ops.read_in_c(fast)
+            if helper is not None and cfg.dir_readahead_us is not None:
+                self.ops.read_ahead_in_c(helper, cfg.dir_readahead_us)
             if cfg.dircache and not _dircache_active():
                 log.warning("the kernel will not cache directory listings (_dircache inactive)")
         except BaseException:

@@ -20,6 +20,7 @@ import errno
 import functools
 import os
 import stat as stat_mod
+import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -46,6 +47,9 @@ NAME_INDEX_MAX_NAMES = 1_000_000
 
 _DIR_FLAGS = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _MISSING = (errno.ENOENT, errno.ENOTDIR)
+#: Cold directories remembered as read ahead (then forgotten all at once).
+_COLD_KEPT = 65536
+_clock = time.perf_counter_ns
 _NO_XATTR = (errno.ENODATA, errno.ENOTSUP, errno.EOPNOTSUPP)
 _NO_LAYERS: frozenset[int] = frozenset()
 
@@ -143,6 +147,13 @@ class LayerStack:
         #: -o live: asked before a lower directory's names are read to be kept;
         #: True once a watch covers it (watch.py), False: read, not kept.
         self.keep_names: Callable[[int, Path], bool] | None = None
+        #: Called with a layer directory's descriptor when an lstat in it took
+        #: longer than ``cold_ns`` (it waited for the disk): the C helper reads
+        #: the directory ahead of the lookups that follow (_prefetch.c).
+        self.on_cold: Callable[[int], object] | None = None
+        self.cold_ns = 40_000
+        #: Directories handed to ``on_cold`` already (each once; bounded).
+        self._cold: set[tuple[int, Path]] = set()
         #: Bumped after every change to the upper's namespace or copy-up; merged
         #: listings cached on directory nodes are valid for one generation.
         self.generation = 0
@@ -221,13 +232,34 @@ class LayerStack:
     # -- primitives ------------------------------------------------------------
 
     def lstat(self, layer: int, dirpath: Path, name: bytes) -> os.stat_result | None:
-        """lstat of ``name`` in directory ``dirpath`` of ``layer``; None if absent."""
+        """lstat of ``name`` in directory ``dirpath`` of ``layer``; None if absent.
+
+        Timed when ``on_cold`` is set (two clock reads): one that waited for
+        the disk says the directory is cold, and the next lookups of a
+        client walking it would wait too, one after the other.
+        """
+        fd = -1
+        start = _clock() if self.on_cold is not None else 0
         try:
-            return os.stat(name, dir_fd=self.dirfd(layer, dirpath), follow_symlinks=False)
+            fd = self.dirfd(layer, dirpath)  # (the directory may be missing here too)
+            return os.stat(name, dir_fd=fd, follow_symlinks=False)
         except OSError as e:
             if e.errno in _MISSING:
                 return None
             raise
+        finally:
+            if start and fd >= 0 and _clock() - start >= self.cold_ns:
+                self._went_cold(layer, dirpath, fd)
+
+    def _went_cold(self, layer: int, dirpath: Path, fd: int) -> None:
+        """Hand a cold directory to ``on_cold``, once."""
+        key = (layer, dirpath)
+        if key in self._cold or self.on_cold is None:
+            return
+        if len(self._cold) >= _COLD_KEPT:
+            self._cold.clear()
+        self._cold.add(key)
+        self.on_cold(fd)
 
     def stat_dir(self, layer: int, path: Path) -> os.stat_result:
         return os.stat(self.dirfd(layer, path))

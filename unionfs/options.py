@@ -93,6 +93,9 @@ class MountConfig:
     volatile: bool = False
     metacopy: bool = False
     spin_us: int = 30
+    #: An lstat in a layer's directory that takes this long (us) makes the C
+    #: helper read that directory ahead (unionfs/_prefetch.c); None: never.
+    dir_readahead_us: int | None = 40
     #: Follow changes made to the lowers while mounted (unionfs/watch.py).
     live: bool = False
     #: Record the lower objects the upper replaces (unionfs/identity.py).
@@ -257,6 +260,8 @@ def build_config(
             cfg.dircache = False
         elif flag == "nofastpath":
             cfg.fastpath = False
+        elif flag == "nodir_readahead":
+            cfg.dir_readahead_us = None
         elif flag == "noacl":
             cfg.acl = False
         elif flag == "volatile":
@@ -298,6 +303,14 @@ def build_config(
             if not value.isdigit():
                 raise ConfigError(f"option read_ahead_kb= needs a whole number, not {value!r}", 2)
             cfg.read_ahead_kb = int(value)
+        elif key == "dir_readahead_us":
+            if not value.isdigit() or int(value) > 1_000_000:
+                raise ConfigError(
+                    f"option dir_readahead_us= needs a whole number of us (0-1000000),"
+                    f" not {value!r}",
+                    2,
+                )
+            cfg.dir_readahead_us = int(value)
         elif key == "spin_us":
             if not value.isdigit() or int(value) > 1_000_000:
                 raise ConfigError(

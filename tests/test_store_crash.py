@@ -172,7 +172,12 @@ def test_ctrl_c_during_import_is_one_line_and_exit_130(tmp: Path) -> None:
     os.mkfifo(layer)
     store = tmp / "store"
     proc = subprocess.Popen(
-        _import_cmd(store, src, "int:1"), stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        _import_cmd(store, src, "int:1"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        # As from a terminal: a suite run as a background job (`scripts/test &`)
+        # ignores SIGINT, which the importer would inherit (and then ignore).
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         fd = -1

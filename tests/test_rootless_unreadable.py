@@ -308,13 +308,17 @@ def _drop(view: dict, prefixes: tuple[str, ...]) -> dict:
 # --------------------------------------------------------------------------- the test
 
 
+@pytest.mark.parametrize("readahead", ["default", "every-dir"])
 @pytest.mark.parametrize("mounter", ["user", "root"])
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_unreadable_objects_in_every_layer_position(
-    tmp, unpriv_user, unionfs, kernel_overlay, layout, mounter
+    tmp, unpriv_user, unionfs, kernel_overlay, layout, mounter, readahead
 ):
     """The user walks, then changes, a union of root-owned lowers with unreadable
-    objects; every answer matches kernel overlayfs except the listed divergences."""
+    objects; every answer matches kernel overlayfs except the listed divergences.
+
+    ``every-dir``: every directory is read ahead at its first lookup
+    (unionfs/_prefetch.c), unreadable ones included, which must change nothing."""
     user = unpriv_user
     spec, n = LAYOUTS[layout]
     u_lowers = build_lowers(tmp / "u", spec, n, user)
@@ -327,7 +331,8 @@ def test_unreadable_objects_in_every_layer_position(
         p.mkdir()
         if mounter == "user":
             os.chown(p, user.uid, user.gid)
-    m = unionfs(u_lowers, upper, umnt, user=user if mounter == "user" else None)
+    opts = ("dir_readahead_us=0",) if readahead == "every-dir" else ()
+    m = unionfs(u_lowers, upper, umnt, opts=opts, user=user if mounter == "user" else None)
 
     probes = [p for p in PROBES if any(s[0] == p.rsplit("/", 1)[0] for s in spec)]
     got = run_as(user, walk, str(m.mnt), probes)

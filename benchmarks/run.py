@@ -172,9 +172,49 @@ def print_list() -> None:
 # -- caches ---------------------------------------------------------------------------------
 
 
+def in_flight(diskstats: str) -> int:
+    """Block I/Os in progress, from /proc/diskstats (its 12th field, all devices)."""
+    total = 0
+    for line in diskstats.splitlines():
+        fields = line.split()
+        if len(fields) > 11 and fields[11].isdigit():
+            total += int(fields[11])
+    return total
+
+
+def settle_disks(timeout: float = 30.0, quiet_for: float = 0.05) -> None:
+    """Wait until no block I/O has been in flight for ``quiet_for`` s (at most ``timeout``).
+
+    ``sync`` returns once the data is written, not once the disk is idle: the
+    discards of the previous measurement's removed big files (a filesystem
+    mounted with ``discard``), or a journal's own writes, still run, and the next
+    target paid for them. Seen as a position effect: in three rounds, whichever
+    unionfs ran right after unionfs-fuse took 2x longer for big-write-fsync,
+    copy-up-big and git-status cold, and swapping the two swapped the cost.
+    """
+    deadline = time.monotonic() + timeout
+    quiet_since = None
+    while time.monotonic() < deadline:
+        try:
+            with open("/proc/diskstats") as f:
+                busy = in_flight(f.read())
+        except OSError:
+            return  # no diskstats: nothing to wait for
+        now = time.monotonic()
+        if busy:
+            quiet_since = None
+        elif quiet_since is None:
+            quiet_since = now
+        elif now - quiet_since >= quiet_for:
+            return
+        time.sleep(0.005)
+
+
 def drop_caches(enabled: bool) -> None:
-    """sync, then drop page cache, dentries and inodes (root only): a cold start."""
+    """sync, wait for the disk to be idle, then drop page cache, dentries and inodes (root
+    only): a cold start."""
     os.sync()
+    settle_disks()
     if enabled:
         with open("/proc/sys/vm/drop_caches", "w") as f:
             f.write("3\n")
@@ -227,9 +267,19 @@ def timed(m: Mount, fn: Callable[[], Note], timeout: float) -> tuple[float, Note
     return seconds, note, drop_counter() != before
 
 
-def rotated(items: list[Target], by: int) -> list[Target]:
-    by %= len(items)
-    return items[by:] + items[:by]
+def round_order(items: list[Target], rnd: int) -> list[Target]:
+    """The targets' order in round ``rnd`` (0-based): rotated by one each round, and
+    reversed every other round.
+
+    Rotation alone keeps each target's predecessor: the one that always ran right
+    after unionfs-fuse paid for what its runs left behind (big-write-fsync 1.8-2.2x
+    slower whichever unionfs build it was; not found what), and an A/B pair always
+    ran in the same order. Reversing every other round gives each target other
+    neighbours, so such an effect no longer lands on the same target every round.
+    """
+    by = rnd % len(items)
+    order = items[by:] + items[:by]
+    return order[::-1] if rnd % 2 else order
 
 
 def read_only(run: Run, rnd: int, w: Workload, target: Target) -> None:
@@ -252,6 +302,7 @@ def mutating(run: Run, rnd: int, w: Workload, target: Target) -> None:
                 drop_caches(run.drop)
             else:
                 os.sync()
+                settle_disks()
                 assert job.warmup is not None, f"{w.name} has a warm phase but no warmup"
                 job.warmup()
             record(run, rnd, w, target, phase, m, job)
@@ -312,11 +363,11 @@ def fail(run: Run, f: Failure) -> None:
 
 
 def run_rounds(run: Run, chosen: list[Target], workloads: list[Workload]) -> None:
-    """for round: for workload: for target (rotated per round)."""
+    """for round: for workload: for target (``round_order``)."""
     for rnd in range(1, run.args.rounds + 1):
         print(f"round {rnd}/{run.args.rounds}", flush=True)
         for w in workloads:
-            for target in rotated(chosen, rnd - 1):
+            for target in round_order(chosen, rnd - 1):
                 if target.name not in run.broken:
                     measure(run, rnd, w, target)
 

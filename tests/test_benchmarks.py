@@ -55,3 +55,29 @@ def test_scratch_trees_wait_for_the_end_of_the_run_but_big_files_do_not(tmp_path
     assert not (scratch / "upper" / "big").exists()
     targets.discard_set_aside()
     assert not scratch.exists()
+
+
+def test_in_flight_counts_the_io_in_progress_of_every_device(monkeypatch):
+    monkeypatch.syspath_prepend(str(HERE / "benchmarks"))
+    import run
+
+    stats = (
+        " 253       0 vda 6172 10 62944 390 3000 5 24000 100 0 500 600 0 0 0 0 0 0\n"
+        " 253       1 vda1 10 0 80 1 0 0 0 0 0 1 1 0 0 0 0 0 0\n"
+        "   7       0 loop0 0 0 0 0 0 0 0 0 0 0 0\n"
+    )
+    assert run.in_flight(stats) == 0
+    busy = stats.replace("100 0 500 600", "100 3 500 600").replace("0 0 0 1 1", "0 0 1 1 1")
+    assert run.in_flight(busy) == 4
+    assert run.in_flight("") == 0 and run.in_flight("garbage\n") == 0
+
+
+def test_no_target_always_follows_the_same_one(monkeypatch):
+    monkeypatch.syspath_prepend(str(HERE / "benchmarks"))
+    import run
+
+    names = ["native", "kernel", "fuse-overlayfs", "unionfs-fuse", "unionfs", "unionfs-base"]
+    orders = [run.round_order(names, r) for r in range(3)]
+    assert all(sorted(o) == sorted(names) for o in orders)
+    before = {t: {o[o.index(t) - 1] for o in orders if o.index(t)} for t in names}
+    assert all(len(p) >= 2 for t, p in before.items() if t != names[0]), before

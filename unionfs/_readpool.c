@@ -77,19 +77,7 @@ static void *worker(void *unused)
 /* Start the workers (under lock); 0 if none could be started. */
 static int start_workers(void)
 {
-    sigset_t all, old;
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &old); /* inherited by the workers */
-    for (int i = 0; i < WORKERS; i++) {
-        pthread_t t;
-        pthread_attr_t attr;
-        pthread_attr_init(&attr);
-        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-        if (pthread_create(&t, &attr, worker, NULL) == 0)
-            started++;
-        pthread_attr_destroy(&attr);
-    }
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    started = unionfs_start_threads(worker, WORKERS);
     return started;
 }
 

@@ -32,6 +32,29 @@ static inline unsigned unionfs_bucket_since(long long start)
 }
 
 #include <fuse_lowlevel.h>
+#include <pthread.h>
+#include <signal.h>
+
+/* Start n detached threads running fn with every signal blocked (signals stay the
+ * Python thread's; the mask is inherited at creation).  Returns how many started. */
+static inline int unionfs_start_threads(void *(*fn)(void *), int n)
+{
+    sigset_t all, old;
+    int started = 0;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    for (int i = 0; i < n; i++) {
+        pthread_t t;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        if (pthread_create(&t, &attr, fn, NULL) == 0)
+            started++;
+        pthread_attr_destroy(&attr);
+    }
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    return started;
+}
 
 /* Put the dispatching callbacks in table (libfuse: dlopen's handle), if
  * enable_dispatch() was called; dirs_cached: opendir replies must ask the

@@ -36,9 +36,16 @@ stamp="$venv/.installed-$( (cat "$top/pyproject.toml" "$top/setup.py" "$top"/uni
 if [ ! -e "$stamp" ]; then
   echo "setup: creating $venv" >&2
   rm -rf "$venv"
+  # The helper is optional (setup.py): a build that fails would leave an earlier
+  # build's module in the tree, and everything would run that stale C code.
+  rm -f "$top"/unionfs/_dircache.*.so
   $PY -m venv "$venv"
   if ! "$venv/bin/pip" install -e "$top[test]" >"$venv/pip.log" 2>&1; then
     cat "$venv/pip.log" >&2; exit 1
+  fi
+  if ! "$venv/bin/python" -c "import unionfs._dircache" 2>/dev/null; then
+    echo "setup: warning: the C session helper (unionfs/_dircache.c) did not build;" \
+      "unionfs runs without it (see $venv/pip.log)" >&2
   fi
   touch "$stamp"
 fi

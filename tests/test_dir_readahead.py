@@ -70,6 +70,25 @@ def test_a_directory_and_its_subdirectories_are_read_not_through_links(tmp_path)
 
 
 @needs_helper
+def test_read_ahead_stays_on_its_file_system(tmp_path):
+    from support import tmpfs
+
+    _tree(tmp_path / "t")
+    (tmp_path / "t" / "mnt").mkdir()
+    with tmpfs(tmp_path / "t" / "mnt") as other:
+        for i in range(5):
+            (other / f"x{i}").touch()
+        before = _dircache.read_ahead_counts()
+        fd = os.open(tmp_path / "t", os.O_PATH | os.O_DIRECTORY)
+        try:
+            assert _dircache.read_ahead(fd)
+        finally:
+            os.close(fd)
+        # The mount point is an entry; what is mounted there is not listed.
+        assert _settled(before, 1)["entries"] == 14 + 6
+
+
+@needs_helper
 def test_a_huge_directory_is_read_ahead_only_so_far(tmp_path):
     big = tmp_path / "big"
     big.mkdir()

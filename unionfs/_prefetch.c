@@ -20,7 +20,8 @@
  * need.  The results are thrown away: they only fill the kernel's caches, so
  * the daemon's own system calls then find the data there.  A worker never
  * touches the daemon's state, never follows a symbolic link (fstatat with
- * AT_SYMLINK_NOFOLLOW, O_NOFOLLOW), never writes, and reads at most
+ * AT_SYMLINK_NOFOLLOW, O_NOFOLLOW), never enters another file system (a mount
+ * point, an automount), never writes, and reads at most
  * MAX_ENTRIES entries of a directory; a full queue drops the request (read
  * ahead is a hint).  Warm directories never get here: the cost is only paid
  * where the disk is read anyway.  Workers block every signal, as the READ
@@ -65,6 +66,9 @@ static unsigned long long read_ahead(int fd, int entries, long *budget)
         return 0;
     }
     unsigned long long n = 0;
+    struct stat here;
+    if (entries && fstat(dirfd(d), &here) != 0)
+        entries = 0;
     struct dirent *e;
     while (*budget > 0 && (e = readdir(d)) != NULL) {
         const char *name = e->d_name;
@@ -75,7 +79,10 @@ static unsigned long long read_ahead(int fd, int entries, long *budget)
         if (!entries)
             continue;
         struct stat st;
-        if (fstatat(dirfd(d), name, &st, AT_SYMLINK_NOFOLLOW) != 0 || !S_ISDIR(st.st_mode))
+        /* Not into another file system: a mount point (the union's own, or an
+         * automount, which AT_NO_AUTOMOUNT leaves untriggered) is not ours to read. */
+        if (fstatat(dirfd(d), name, &st, AT_SYMLINK_NOFOLLOW | AT_NO_AUTOMOUNT) != 0 ||
+            !S_ISDIR(st.st_mode) || st.st_dev != here.st_dev)
             continue;
         int sub = openat(dirfd(d), name, O_RDONLY | O_DIRECTORY | O_NOFOLLOW | O_CLOEXEC);
         if (sub >= 0)

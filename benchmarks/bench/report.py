@@ -188,7 +188,7 @@ def markdown(
         "",
         f"- machine: {machine_line(m)}, Python {m['python']}",
         f"- tree: {meta['tree_summary']}",
-        f"- {meta['rounds']} round(s), targets rotated each round; cold = {meta['cold']}; "
+        f"- {meta['rounds']} round(s), targets rotated each round and reversed every other round; cold = {meta['cold']}; "
         "warm = the same workload again on the same mount (mutating workloads: a fresh mount "
         "whose caches were warmed by reading what the workload touches)",
         f"- versions: {versions or '-'}",

@@ -254,11 +254,12 @@ class LayerStack:
     def _went_cold(self, layer: int, dirpath: Path, fd: int) -> None:
         """Hand a cold directory to ``on_cold``, once."""
         key = (layer, dirpath)
-        if key in self._cold or self.on_cold is None:
+        if key in self._cold:
             return
         if len(self._cold) >= _COLD_KEPT:
             self._cold.clear()
         self._cold.add(key)
+        assert self.on_cold is not None  # (lstat times only when it is set)
         self.on_cold(fd)
 
     def stat_dir(self, layer: int, path: Path) -> os.stat_result:

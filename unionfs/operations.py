@@ -155,10 +155,6 @@ def _log_unexpected(name: str, what: Any) -> None:
         what[1].close()
 
 
-def _count_of(counts: Callable[[], dict[str, int]], key: str) -> int:
-    return counts()[key]
-
-
 async def _reraise(exc: BaseException) -> None:
     """What the C helper hands pyfuse3 for a SystemExit or KeyboardInterrupt: ``_guard``'s way."""
     raise exc
@@ -580,14 +576,10 @@ class UnionOperations(pyfuse3.Operations):
         entries lstat'ed and its subdirectories listed by a worker thread,
         off the critical path of the lookups a walking client sends next.
         """
-        if not hasattr(helper, "read_ahead"):
-            return
         self.stack.cold_ns = cold_us * 1000
         self.stack.on_cold = helper.read_ahead
         for key in ("dirs", "entries", "dropped"):
-            stats.COUNTERS.helper[f"read_ahead_{key}"] = functools.partial(
-                _count_of, helper.read_ahead_counts, key
-            )
+            stats.COUNTERS.helper[f"read_ahead_{key}"] = lambda k=key: helper.read_ahead_counts()[k]
 
     def dispatch_in_c(self, helper: Any) -> bool:
         """Let the C session helper call the plain handlers of its request types.

@@ -552,19 +552,23 @@ class UnionOperations(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
 
     def read_in_c(self, helper: Any) -> None:
-        """Let the C session helper answer READs of this daemon's handles.
+        """Let the C session helper answer READs (and WRITEs) of this daemon's handles.
 
-        A READ is a pread of the handle's descriptor, nothing else; in C it
-        skips pyfuse3's dispatch of the request (docs/performance.md).  Each
-        handle is registered as it is made and unregistered at release before
-        its descriptor is closed; handle numbers are never reused, so a slot
-        never names a closed or reused descriptor.  The helper counts the
-        READs it answers (``unionfs stats`` merges them).
+        A READ is a pread of the handle's descriptor, a WRITE a pwrite, nothing
+        else (``read`` and ``write`` below); in C they skip pyfuse3's dispatch
+        of the request, and a WRITE pyfuse3's copy of its data
+        (docs/performance.md).  Each handle is registered as it is made and
+        unregistered at release before its descriptor is closed; handle
+        numbers are never reused, so a slot never names a closed or reused
+        descriptor.  The helper counts the requests it answers (``unionfs
+        stats`` merges them).
         """
         self._fast = helper
         for fh, handle in self._files.items():
             helper.register(fh, handle.fd)
         stats.COUNTERS.add_source("read", helper.read_counts)
+        if helper.write_active():
+            stats.COUNTERS.add_source("write", helper.write_counts)
         # READs that waited for the disk in its worker threads (_readpool.c).
         stats.COUNTERS.helper["worker_reads"] = helper.pool_reads
 

@@ -1,0 +1,144 @@
+"""WRITE answered in C (unionfs/_dircache.c) and in Python (``-o nofastpath``): the same results.
+
+Without a writeback cache every ``write(2)`` through the mount is one or more
+WRITE requests (the kernel splits at its max_write), so the bytes in the upper
+file, the counts a write returns and the errno of a failed write show what
+either path did.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import mmap
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from unionfs import stats
+
+from support import helper_opts, unionfs_mount
+
+
+@pytest.fixture
+def mode(helper_mode: str) -> str:
+    return helper_mode
+
+
+def _writes(mnt: Path) -> tuple[int, int]:
+    """(WRITE requests counted, of which answered in C) from ``unionfs stats``."""
+    raw = json.loads(os.getxattr(mnt, stats.XATTR))
+    return sum(raw["requests"].get("write", {}).values()), raw.get("in_c", {}).get("write", 0)
+
+
+def _dirs(tmp: Path) -> tuple[Path, Path, Path]:
+    lower, upper, mnt = tmp / "lower", tmp / "upper", tmp / "mnt"
+    for d in (lower, upper, mnt):
+        d.mkdir()
+    return lower, upper, mnt
+
+
+def test_writes_of_every_size_and_offset_land_in_the_upper(tmp_path, mode):
+    lower, upper, mnt = _dirs(tmp_path)
+    (lower / "lowerfile").write_bytes(b"L" * 10_000)
+    expected = bytearray()
+
+    def put(data: bytes, off: int) -> None:
+        if len(expected) < off:
+            expected.extend(b"\0" * (off - len(expected)))
+        expected[off : off + len(data)] = data
+
+    with unionfs_mount([lower], upper, mnt, helper_opts(mode)):
+        before = _writes(mnt)
+        fd = os.open(mnt / "new", os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            chunks = [
+                (b"a", 0),
+                (os.urandom(4096), 1),
+                (os.urandom(128 * 1024), 4097),
+                (os.urandom(3 * 2**20 + 5), 200_000),  # more than one WRITE request
+                (b"after a hole", 10 * 2**20),
+                (b"overwrite", 2),
+            ]
+            for data, off in chunks:
+                assert os.pwrite(fd, data, off) == len(data)
+                put(data, off)
+            assert os.pread(fd, 64, 0) == bytes(expected[:64])
+        finally:
+            os.close(fd)
+        assert (upper / "new").read_bytes() == bytes(expected)
+        assert (mnt / "new").stat().st_size == len(expected)
+
+        # A lower file: copied up at open, then written in the middle and appended to.
+        with open(mnt / "lowerfile", "r+b") as f:
+            f.seek(5000)
+            f.write(b"middle")
+        with open(mnt / "lowerfile", "ab") as f:
+            assert f.write(b"appended") == 8
+        assert (upper / "lowerfile").read_bytes() == (
+            b"L" * 5000 + b"middle" + b"L" * 4994 + b"appended"
+        )
+        assert (lower / "lowerfile").read_bytes() == b"L" * 10_000
+
+        total, in_c = _writes(mnt)
+        assert total - before[0] >= len(chunks) + 2
+        assert in_c - before[1] == (total - before[0] if mode == "fastpath" else 0)
+
+
+def test_o_append_writes_go_to_the_end_whatever_the_offset(tmp_path, mode):
+    lower, upper, mnt = _dirs(tmp_path)
+    with unionfs_mount([lower], upper, mnt, helper_opts(mode)):
+        (mnt / "log").write_bytes(b"first\n")
+        a = os.open(mnt / "log", os.O_WRONLY | os.O_APPEND)
+        b = os.open(mnt / "log", os.O_WRONLY | os.O_APPEND)
+        try:
+            os.write(a, b"from a\n")
+            os.write(b, b"from b\n")
+            os.write(a, b"a again\n")
+        finally:
+            os.close(a)
+            os.close(b)
+        assert (upper / "log").read_bytes() == b"first\nfrom a\nfrom b\na again\n"
+
+
+def test_a_shared_mapping_is_written_back(tmp_path, mode):
+    """Dirty pages of a MAP_SHARED mapping reach the daemon as WRITEs (writepage)."""
+    lower, upper, mnt = _dirs(tmp_path)
+    (lower / "mapped").write_bytes(b"\0" * 8192)
+    with unionfs_mount([lower], upper, mnt, helper_opts(mode)):
+        with open(mnt / "mapped", "r+b") as f, mmap.mmap(f.fileno(), 8192) as m:
+            m[100:105] = b"hello"
+            m[5000:5005] = b"world"
+            m.flush()
+        data = (upper / "mapped").read_bytes()
+        assert data[100:105] == b"hello" and data[5000:5005] == b"world"
+        assert len(data) == 8192
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="mounts a tmpfs")
+def test_a_write_to_a_full_upper_fails_enospc_and_the_daemon_goes_on(tmp_path, mode):
+    lower, _, mnt = _dirs(tmp_path)
+    fs = tmp_path / "fs"
+    fs.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(fs)], check=True)
+    try:
+        upper = fs / "upper"
+        upper.mkdir()
+        with unionfs_mount([lower], upper, mnt, helper_opts(mode)):
+            fd = os.open(mnt / "filler", os.O_WRONLY | os.O_CREAT, 0o644)
+            try:
+                with pytest.raises(OSError) as info:
+                    for i in range(8):
+                        os.pwrite(fd, b"f" * 2**20, i * 2**20)
+                assert info.value.errno == errno.ENOSPC
+            finally:
+                os.close(fd)
+            _, in_c = _writes(mnt)
+            assert (in_c > 0) == (mode == "fastpath")
+            (mnt / "filler").unlink()
+            (mnt / "after").write_bytes(b"still served\n")
+            assert (upper / "after").read_bytes() == b"still served\n"
+    finally:
+        subprocess.run(["umount", str(fs)], check=False)

@@ -46,12 +46,14 @@ from . import markers
 from .inodes import Node
 from .layers import LayerStack, changes_upper
 from .markers import Writer
-from .syscalls import FICLONE, RENAME_NOREPLACE, renameat2
+from .syscalls import FICLONE, RENAME_NOREPLACE, renameat2, start_writeback
 
 log = logging.getLogger(__name__)
 
 THREAD_THRESHOLD = 1 << 20
 _CHUNK = 1 << 20
+#: A copy that will be fsync'd starts writing out each this many bytes as it goes.
+WRITEBACK_EVERY = 16 << 20
 _NOT_PERMITTED_ERRORS = (PermissionError, NotImplementedError)
 _NOT_PERMITTED = (errno.EPERM, errno.EACCES, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EINVAL)
 #: FICLONE errors that hold for every file between the same two file systems.
@@ -61,13 +63,22 @@ _NO_TMPFILE = (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL)
 _TMPFILE_FLAGS = os.O_WRONLY | os.O_TMPFILE | os.O_CLOEXEC
 
 
-def copy_data(src: int, dst: int, size: int, clone: bool = True, holes: bool = True) -> bool:
+def copy_data(
+    src: int,
+    dst: int,
+    size: int,
+    clone: bool = True,
+    holes: bool = True,
+    writeback: bool = False,
+) -> bool:
     """Copy ``size`` bytes between descriptors, keeping holes as holes.
 
     ``clone=False`` skips the reflink attempt; ``holes=False`` (the source
     has as many blocks as bytes) copies the whole range without looking for
-    holes.  Returns whether cloning is still worth trying between these file
-    systems (False once they said they cannot).
+    holes; ``writeback``: the copy will be fsync'd, so start writing each
+    ``WRITEBACK_EVERY`` bytes out as soon as they are copied.  Returns
+    whether cloning is still worth trying between these file systems (False
+    once they said they cannot).
     """
     if clone:
         try:
@@ -75,13 +86,17 @@ def copy_data(src: int, dst: int, size: int, clone: bool = True, holes: bool = T
             return True
         except OSError as e:
             clone = e.errno not in _NO_CLONE
-    end = _copy_extents(src, dst, size) if holes else _copy_range(src, dst, 0, size)
+    end = (
+        _copy_extents(src, dst, size, writeback)
+        if holes
+        else _copy_range(src, dst, 0, size, writeback)
+    )
     if end < size:  # a trailing hole, or the source shrank
         os.ftruncate(dst, size)
     return clone
 
 
-def _copy_extents(src: int, dst: int, size: int) -> int:
+def _copy_extents(src: int, dst: int, size: int, writeback: bool = False) -> int:
     """Copy the data extents of ``src`` below ``size``; returns where the data ended."""
     off = end = 0
     while off < size:
@@ -94,15 +109,18 @@ def _copy_extents(src: int, dst: int, size: int) -> int:
             hole = size
         else:
             hole = min(os.lseek(src, start, os.SEEK_HOLE), size)
-        end = _copy_range(src, dst, start, hole)
+        end = _copy_range(src, dst, start, hole, writeback)
         off = hole
     return end
 
 
-def _copy_range(src: int, dst: int, start: int, end: int) -> int:
+def _copy_range(src: int, dst: int, start: int, end: int, writeback: bool = False) -> int:
     """Copy bytes ``start``..``end``; returns where the copy stopped (earlier at EOF)."""
-    pos = start
+    pos = written = start
     while pos < end:
+        if writeback and pos - written >= WRITEBACK_EVERY:
+            start_writeback(dst, written, pos - written)
+            written = pos
         n = min(_CHUNK * 16, end - pos)
         try:
             done = os.copy_file_range(src, dst, n, pos, pos)
@@ -396,7 +414,9 @@ class CopyUp:
                 try:
                     big = size > THREAD_THRESHOLD
                     if big:
-                        await trio.to_thread.run_sync(copy_data, src, dst, size)
+                        await trio.to_thread.run_sync(
+                            copy_data, src, dst, size, True, True, self.durable
+                        )
                     else:
                         copy_data(src, dst, size)
                     self.totals["bytes"] += size
@@ -569,7 +589,14 @@ class CopyUp:
             data = with_data and st.st_size > 0
             big = data and st.st_size > THREAD_THRESHOLD
             if data:
-                args = (src, dst, st.st_size, st.st_dev not in self._no_clone, may_have_holes(st))
+                args = (
+                    src,
+                    dst,
+                    st.st_size,
+                    st.st_dev not in self._no_clone,
+                    may_have_holes(st),
+                    self.durable,
+                )
                 if big:
                     clone = await trio.to_thread.run_sync(copy_data, *args)
                 else:

@@ -74,3 +74,33 @@ def test_a_big_lower_file_appended_to_comes_out_whole(tmp_path):
             os.fsync(f.fileno())
         assert (upper / "big").read_bytes() == data + b"tail"
         assert (lower / "big").read_bytes() == data
+
+
+def test_no_writeback_while_the_source_comes_from_the_disk(tmp_path, monkeypatch):
+    """A source read from the disk would only compete with the writes: they wait for the fsync."""
+    calls: list[tuple[int, int]] = []
+    monkeypatch.setattr(copyup, "start_writeback", lambda fd, off, n: calls.append((off, n)))
+    monkeypatch.setattr(copyup, "_in_page_cache", lambda fd, off: False)
+    expected = _sparse_source(tmp_path / "src")
+    src = os.open(tmp_path / "src", os.O_RDONLY)
+    dst = os.open(tmp_path / "dst", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        copyup.copy_data(src, dst, len(expected), clone=False, holes=True, writeback=True)
+    finally:
+        os.close(src)
+        os.close(dst)
+    assert calls == []
+    assert (tmp_path / "dst").read_bytes() == expected
+
+
+def test_the_page_cache_probe_tells_cached_from_dropped(tmp_path):
+    path = tmp_path / "f"
+    path.write_bytes(os.urandom(4 * MIB))
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        assert copyup._in_page_cache(fd, MIB)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # clean pages: dropped
+        assert not copyup._in_page_cache(fd, MIB)
+    finally:
+        os.close(fd)

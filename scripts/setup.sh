@@ -18,7 +18,7 @@ command -v gcc >/dev/null || need_apt+=(gcc)
 $PY -c 'import ensurepip, venv' 2>/dev/null || need_apt+=(python3-venv)
 # Peers and programs the tests run against our output (OCI tools, namespaces, real programs).
 for pair in umoci:umoci skopeo:skopeo newuidmap:uidmap debootstrap:debootstrap zstd:zstd \
-    bwrap:bubblewrap fuse-overlayfs:fuse-overlayfs git:git sqlite3:sqlite3; do
+    bwrap:bubblewrap fuse-overlayfs:fuse-overlayfs git:git sqlite3:sqlite3 setfacl:acl; do
   command -v "${pair%%:*}" >/dev/null || need_apt+=("${pair#*:}")
 done
 [ -e "$($PY -c 'import sysconfig; print(sysconfig.get_paths()["include"])')/Python.h" ] \

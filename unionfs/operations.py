@@ -535,7 +535,13 @@ class UnionOperations(pyfuse3.Operations):
 
     # -- files -----------------------------------------------------------------
 
-    _OPEN_KEEP = os.O_ACCMODE | os.O_APPEND | os.O_SYNC | os.O_DSYNC | os.O_NOATIME
+    #: Flags of a client's open that the daemon's descriptor keeps.  Not O_APPEND:
+    #: without a writeback cache the kernel puts each append at its own end of the
+    #: file and sends that offset, and a WRITE may come for another offset through an
+    #: append handle (a shared mapping's pages written back through any writable
+    #: handle, a write after F_SETFL cleared O_APPEND): on an O_APPEND descriptor
+    #: pwrite would put those at the end too.
+    _OPEN_KEEP = os.O_ACCMODE | os.O_SYNC | os.O_DSYNC | os.O_NOATIME
 
     def _open_fd(self, node: Node, flags: int, extra: int = 0) -> int:
         return os.open(

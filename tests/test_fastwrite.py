@@ -9,6 +9,7 @@ either path did.
 from __future__ import annotations
 
 import errno
+import fcntl
 import json
 import mmap
 import os
@@ -101,6 +102,81 @@ def test_o_append_writes_go_to_the_end_whatever_the_offset(tmp_path, mode):
             os.close(a)
             os.close(b)
         assert (upper / "log").read_bytes() == b"first\nfrom a\nfrom b\na again\n"
+
+
+def test_a_write_at_an_offset_through_an_append_handle_lands_there(tmp_path, mode):
+    """The kernel decides where each write goes (the end, for an O_APPEND file).
+
+    A WRITE can still come through a handle opened with O_APPEND for another
+    offset: the pages of a shared mapping written back (through whichever
+    writable handle of the file the kernel picks), or a write after F_SETFL
+    cleared O_APPEND, which FUSE never hears of.  The daemon's descriptor
+    must write where the request says, as kernel overlayfs does.
+    """
+    lower, upper, mnt = _dirs(tmp_path)
+    (lower / "mapped").write_bytes(b"\0" * 8192)
+    with unionfs_mount([lower], upper, mnt, helper_opts(mode)):
+        # A logger appends while another handle maps the file and changes its first page.
+        mapper = os.open(mnt / "mapped", os.O_RDWR)
+        logger = os.open(mnt / "mapped", os.O_WRONLY | os.O_APPEND)
+        try:
+            with mmap.mmap(mapper, 8192) as m:
+                m[0:5] = b"hello"
+                m.flush()
+            os.write(logger, b"log line\n")
+        finally:
+            os.close(logger)
+            os.close(mapper)
+        data = (upper / "mapped").read_bytes()
+        assert data[:5] == b"hello" and data[8192:] == b"log line\n" and len(data) == 8201
+
+        (mnt / "g").write_bytes(b"0123456789")
+        fd = os.open(mnt / "g", os.O_WRONLY | os.O_APPEND)
+        try:
+            os.write(fd, b"ab")
+            fcntl.fcntl(fd, fcntl.F_SETFL, 0)
+            os.pwrite(fd, b"XY", 0)
+        finally:
+            os.close(fd)
+        assert (upper / "g").read_bytes() == b"XY23456789ab"
+
+
+@pytest.fixture
+def pipes_can_hold_a_request():
+    """pipe-max-size raised to 2 MiB while the mount starts, as on a host where the
+    daemon has CAP_SYS_RESOURCE: libfuse's request pipe can then hold a whole
+    request, and would keep a WRITE's data there if the daemon let it splice."""
+    path = Path("/proc/sys/fs/pipe-max-size")
+    if os.geteuid() != 0:
+        pytest.skip("sets a sysctl")
+    old = path.read_text()
+    try:
+        path.write_text("2097152")
+    except OSError as e:
+        pytest.skip(f"pipe-max-size not writable: {e.strerror}")
+    try:
+        yield
+    finally:
+        path.write_text(old)
+
+
+def test_writes_are_answered_in_c_where_requests_could_be_spliced(
+    tmp_path, pipes_can_hold_a_request
+):
+    lower, upper, mnt = _dirs(tmp_path)
+    data = os.urandom(256 * 1024)
+    with unionfs_mount([lower], upper, mnt, helper_opts("fastpath")):
+        before = _writes(mnt)
+        fd = os.open(mnt / "big", os.O_WRONLY | os.O_CREAT, 0o644)
+        try:
+            for off in range(0, len(data), 64 * 1024):
+                os.pwrite(fd, data[off : off + 64 * 1024], off)
+        finally:
+            os.close(fd)
+        total, in_c = _writes(mnt)
+        assert total - before[0] >= 4
+        assert in_c - before[1] == total - before[0]  # none handed to pyfuse3
+        assert (upper / "big").read_bytes() == data
 
 
 def test_a_shared_mapping_is_written_back(tmp_path, mode):

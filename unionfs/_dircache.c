@@ -309,6 +309,12 @@ static void fast_write_buf(fuse_req_t req, fuse_ino_t ino, struct fuse_bufvec *b
  *
  * Splice writes (FUSE_CAP_SPLICE_WRITE), with READ in C: only fuse_reply_data
  * uses them, which only fast_read calls (pyfuse3 replies from buffers).
+ *
+ * No splice reads (FUSE_CAP_SPLICE_READ, which libfuse asks for by default when
+ * there is a write_buf handler), with WRITE in C: where the request pipe can
+ * grow to a whole request (a daemon with CAP_SYS_RESOURCE, or pipe-max-size
+ * raised), the data of every WRITE of 4 KiB or more would stay in the pipe, and
+ * fast_write_buf hands those to pyfuse3, which copies them out anyway.
  */
 static void session_init(void *userdata, struct fuse_conn_info *conn)
 {
@@ -319,6 +325,8 @@ static void session_init(void *userdata, struct fuse_conn_info *conn)
         conn->want |= FUSE_CAP_POSIX_ACL | FUSE_CAP_DONT_MASK;
     if (read_used && (conn->capable & FUSE_CAP_SPLICE_WRITE))
         conn->want |= FUSE_CAP_SPLICE_WRITE;
+    if (write_used)
+        conn->want &= ~FUSE_CAP_SPLICE_READ;
     if (enabled && (conn->capable & FUSE_CAP_CACHE_SYMLINKS))
         conn->want |= FUSE_CAP_CACHE_SYMLINKS;
 }

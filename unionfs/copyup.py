@@ -141,10 +141,16 @@ def _copy_range(src: int, dst: int, start: int, end: int, writeback: bool = Fals
     return pos
 
 
+#: preadv's flag for "only from the page cache" (absent from some Python builds).
+_RWF_NOWAIT: int | None = getattr(os, "RWF_NOWAIT", None)
+
+
 def _in_page_cache(fd: int, off: int) -> bool:
     """Is the byte of ``fd`` at ``off`` in the page cache (a read of it would not wait)?"""
+    if _RWF_NOWAIT is None:
+        return True  # cannot tell: as if it were
     try:
-        os.preadv(fd, [bytearray(1)], off, os.RWF_NOWAIT)
+        os.preadv(fd, [bytearray(1)], off, _RWF_NOWAIT)
     except BlockingIOError:
         return False
     except OSError:

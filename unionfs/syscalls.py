@@ -59,9 +59,11 @@ def raise_fd_limit() -> None:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
-_sync_file_range = _libc.sync_file_range
-_sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-_sync_file_range.restype = ctypes.c_int
+#: None in a C library without it: writeback is then left to the fsync.
+_sync_file_range = getattr(_libc, "sync_file_range", None)
+if _sync_file_range is not None:
+    _sync_file_range.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    _sync_file_range.restype = ctypes.c_int
 SYNC_FILE_RANGE_WRITE = 2
 
 
@@ -73,4 +75,5 @@ def start_writeback(fd: int, offset: int, nbytes: int) -> None:
     docs/performance.md).  Its failure is not reported: the fsync that
     follows writes whatever is left and reports what goes wrong.
     """
-    _sync_file_range(fd, offset, nbytes, SYNC_FILE_RANGE_WRITE)
+    if _sync_file_range is not None:
+        _sync_file_range(fd, offset, nbytes, SYNC_FILE_RANGE_WRITE)

@@ -34,8 +34,8 @@ def _sparse_source(path: Path) -> bytes:
     return first + b"\0" * (24 * MIB) + second + b"\0" * (8 * MIB)
 
 
-@pytest.mark.parametrize("writeback", [True, False])
-def test_copy_starts_writeback_of_each_copied_range_once(tmp_path, monkeypatch, writeback):
+def _copy_sparse(tmp_path: Path, monkeypatch, writeback: bool) -> list[tuple[int, int]]:
+    """Copy a sparse source with copy_data; returns the writeback ranges it started."""
     calls: list[tuple[int, int]] = []
     monkeypatch.setattr(copyup, "start_writeback", lambda fd, off, n: calls.append((off, n)))
     expected = _sparse_source(tmp_path / "src")
@@ -47,6 +47,12 @@ def test_copy_starts_writeback_of_each_copied_range_once(tmp_path, monkeypatch, 
         os.close(src)
         os.close(dst)
     assert (tmp_path / "dst").read_bytes() == expected
+    return calls
+
+
+@pytest.mark.parametrize("writeback", [True, False])
+def test_copy_starts_writeback_of_each_copied_range_once(tmp_path, monkeypatch, writeback):
+    calls = _copy_sparse(tmp_path, monkeypatch, writeback)
     assert os.stat(tmp_path / "dst").st_blocks * 512 < 70 * MIB, "holes kept"
     if not writeback:
         assert calls == []
@@ -79,19 +85,8 @@ def test_a_big_lower_file_appended_to_comes_out_whole(tmp_path):
 
 def test_no_writeback_while_the_source_comes_from_the_disk(tmp_path, monkeypatch):
     """A source read from the disk would only compete with the writes: they wait for the fsync."""
-    calls: list[tuple[int, int]] = []
-    monkeypatch.setattr(copyup, "start_writeback", lambda fd, off, n: calls.append((off, n)))
     monkeypatch.setattr(copyup, "_in_page_cache", lambda fd, off: False)
-    expected = _sparse_source(tmp_path / "src")
-    src = os.open(tmp_path / "src", os.O_RDONLY)
-    dst = os.open(tmp_path / "dst", os.O_WRONLY | os.O_CREAT, 0o600)
-    try:
-        copyup.copy_data(src, dst, len(expected), clone=False, holes=True, writeback=True)
-    finally:
-        os.close(src)
-        os.close(dst)
-    assert calls == []
-    assert (tmp_path / "dst").read_bytes() == expected
+    assert _copy_sparse(tmp_path, monkeypatch, True) == []
 
 
 def test_the_page_cache_probe_tells_cached_from_dropped(tmp_path):

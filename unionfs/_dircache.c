@@ -108,23 +108,28 @@ static int grow(struct unionfs_read_buffer *buf, size_t size)
 }
 
 /*
- * A blocking pread, with the GIL released if this thread holds it (as
- * os.pread does), retried on EINTR as os.pread retries (the signal's Python
- * handler runs later, on the loop).
+ * A blocking pread or pwrite, with the GIL released if this thread holds it
+ * (as os.pread and os.pwrite do), retried on EINTR as they retry (the
+ * signal's Python handler runs later, on the loop).
  */
-static ssize_t pread_blocking(int fd, char *mem, size_t size, off_t off)
+static ssize_t pio_blocking(int fd, char *mem, size_t size, off_t off, int writing)
 {
     ssize_t n;
     int holds_gil = PyGILState_Check();
     PyThreadState *ts = holds_gil ? PyEval_SaveThread() : NULL;
     do
-        n = pread(fd, mem, size, off);
+        n = writing ? pwrite(fd, mem, size, off) : pread(fd, mem, size, off);
     while (n < 0 && errno == EINTR);
     int saved = errno;
     if (holds_gil)
         PyEval_RestoreThread(ts);
     errno = saved;
     return n;
+}
+
+static ssize_t pread_blocking(int fd, char *mem, size_t size, off_t off)
+{
+    return pio_blocking(fd, mem, size, off, 0);
 }
 
 /*
@@ -248,22 +253,6 @@ static void fast_read(fuse_req_t req, fuse_ino_t ino, size_t size, off_t off,
     unionfs_dispatch_answered();
 }
 
-/* A blocking pwrite, with the GIL released and EINTR retried, as os.pwrite does. */
-static ssize_t pwrite_blocking(int fd, const char *mem, size_t size, off_t off)
-{
-    ssize_t n;
-    int holds_gil = PyGILState_Check();
-    PyThreadState *ts = holds_gil ? PyEval_SaveThread() : NULL;
-    do
-        n = pwrite(fd, mem, size, off);
-    while (n < 0 && errno == EINTR);
-    int saved = errno;
-    if (holds_gil)
-        PyEval_RestoreThread(ts);
-    errno = saved;
-    return n;
-}
-
 /*
  * A WRITE of a registered handle: one pwrite of the data, as the daemon's
  * write handler does (its result, or the errno).  A request whose data is not
@@ -283,8 +272,8 @@ static void fast_write_buf(fuse_req_t req, fuse_ino_t ino, struct fuse_bufvec *b
         return;
     }
     long long start = unionfs_now_ns();
-    ssize_t n = pwrite_blocking(slots[slot].fd, (const char *)b->mem + bufv->off,
-                                b->size - bufv->off, off);
+    ssize_t n = pio_blocking(slots[slot].fd, (char *)b->mem + bufv->off, b->size - bufv->off,
+                             off, 1);
     if (n < 0)
         reply_err(req, errno ? errno : EIO);
     else

@@ -104,6 +104,24 @@ def test_o_append_writes_go_to_the_end_whatever_the_offset(tmp_path, mode):
         assert (upper / "log").read_bytes() == b"first\nfrom a\nfrom b\na again\n"
 
 
+def test_appends_of_concurrent_processes_are_never_lost(tmp_path, mode):
+    """Each append goes to the end the kernel holds, under its inode lock: two shells
+    appending at once lose no line and interleave whole lines."""
+    lower, upper, mnt = _dirs(tmp_path)
+    script = 'for i in $(seq 1 2000); do echo "$1 line $i" >> "$2"; done'
+    with unionfs_mount([lower], upper, mnt, helper_opts(mode)):
+        log = mnt / "log"
+        log.write_bytes(b"")
+        procs = [subprocess.Popen(["sh", "-c", script, "sh", who, str(log)]) for who in ("a", "b")]
+        assert [p.wait(timeout=120) for p in procs] == [0, 0]
+        lines = (upper / "log").read_bytes().splitlines()
+    assert len(lines) == 4000
+    for who in (b"a", b"b"):
+        assert [n for n in lines if n.startswith(who)] == [
+            b"%s line %d" % (who, i) for i in range(1, 2001)
+        ]
+
+
 def test_a_write_at_an_offset_through_an_append_handle_lands_there(tmp_path, mode):
     """The kernel decides where each write goes (the end, for an O_APPEND file).
 

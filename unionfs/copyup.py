@@ -230,6 +230,10 @@ class CopyUp:
         #: replaced in the upper (copy-up here, whiteout in upper.py): -o
         #: identities records it, for the conflict check of sandbox commit.
         self.on_replace: Callable[[tuple[bytes, ...], os.stat_result], None] | None = None
+        #: Called with each file whose data the upper now holds (a copy-up, a
+        #: metacopy given its data): descriptors opened on the lower's data
+        #: before it must read the copy from now on, as kernel overlayfs' do.
+        self.on_copied: Callable[[Node], None] | None = None
         self.clean()
 
     def replaced(self, path: tuple[bytes, ...], st: os.stat_result) -> None:
@@ -399,11 +403,17 @@ class CopyUp:
             if node.layer == 0:
                 if node.metacopy and not meta_only:
                     await self._complete(node, with_data)
+                    self._copied(node)
                 return
             meta = meta_only and self.metacopy
             await self._copy_nondir(node, with_data, meta)
             node.layer = 0
             node.xattrs = None  # what could be copied may differ (rootless)
+            self._copied(node)
+
+    def _copied(self, node: Node) -> None:
+        if self.on_copied is not None and not node.metacopy:
+            self.on_copied(node)
 
     async def _complete(self, node: Node, with_data: bool) -> None:
         """Give a metacopy upper file its data, in place, then drop its marker.

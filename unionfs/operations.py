@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import functools
 import logging
 import os
@@ -235,6 +236,9 @@ class UnionOperations(pyfuse3.Operations):
         self.is_root = os.geteuid() == 0
         self._dirs: dict[int, DirHandle] = {}
         self._files: dict[int, FileHandle] = {}
+        #: Inode -> handles whose descriptor reads a lower file's data (opened for
+        #: reading before a copy-up): they are moved to the copy when it is made.
+        self._reading_below: dict[int, set[int]] = {}
         self._next_fh = 1
         #: The C session helper when it answers READs (``read_in_c``), else None.
         self._fast: Any = None
@@ -256,6 +260,8 @@ class UnionOperations(pyfuse3.Operations):
         #: Called with each directory a lookup or opendir reads (-o live: watch.py).
         self.on_dir_used: Callable[[Node], None] | None = None
         stats.instrument(table, stack, self.upper.copyup if self.upper is not None else None)
+        if self.upper is not None:
+            self.upper.copyup.on_copied = self._read_the_copy
         #: [hits, misses] of the listing and xattr-name caches, held to be bumped in place.
         self._listing_counts = stats.COUNTERS.cache("listings")
         self._xattr_counts = stats.COUNTERS.cache("xattr_names")
@@ -642,7 +648,34 @@ class UnionOperations(pyfuse3.Operations):
         else:
             fd = self._open_fd(node, flags)
             _start_reading(fd)
-        return self._file_info(node, fd)
+        info = self._file_info(node, fd)
+        if node.layer != 0 or node.metacopy:
+            self._reading_below.setdefault(node.ino, set()).add(info.fh)
+        return info
+
+    def _read_the_copy(self, node: Node) -> None:
+        """Point the handles still reading ``node``'s lower data at its new copy.
+
+        Kernel overlayfs (4.19+) reads through the upper file once one exists,
+        so a read-only descriptor opened before another one wrote (and copied
+        the file up) sees the writes.  ``dup2`` puts the copy under the same
+        descriptor number, so a READ in flight in a C worker thread reads one
+        file or the other, both holding the same bytes at this moment.
+        """
+        for fh in self._reading_below.pop(node.ino, ()):
+            handle = self._files.get(fh)
+            if handle is None:
+                continue
+            try:
+                new = self._open_fd(node, fcntl.fcntl(handle.fd, fcntl.F_GETFL))
+                try:
+                    os.dup2(new, handle.fd, inheritable=False)
+                finally:
+                    os.close(new)
+            except OSError as e:  # the copy is made: the handle only goes on reading the lower
+                log.warning("handle %d of inode %d stays on the lower: %s", fh, node.ino, e)
+                continue
+            handle.layer = node.layer
 
     async def _open_for_writing(self, node: Node, flags: int, truncate: bool) -> pyfuse3.FileInfo:
         """An open for writing (or truncating): the object is copied up first."""
@@ -676,6 +709,11 @@ class UnionOperations(pyfuse3.Operations):
     def release(self, fh: int) -> None:
         handle = self._files.pop(fh, None)
         if handle is not None:
+            below = self._reading_below.get(handle.node.ino)
+            if below is not None:
+                below.discard(fh)
+                if not below:
+                    del self._reading_below[handle.node.ino]
             if self._fast is not None:
                 self._fast.unregister(fh)
             os.close(handle.fd)

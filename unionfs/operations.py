@@ -236,9 +236,10 @@ class UnionOperations(pyfuse3.Operations):
         self.is_root = os.geteuid() == 0
         self._dirs: dict[int, DirHandle] = {}
         self._files: dict[int, FileHandle] = {}
-        #: Inode -> handles whose descriptor reads a lower file's data (opened for
-        #: reading before a copy-up): they are moved to the copy when it is made.
-        self._reading_below: dict[int, set[int]] = {}
+        #: Handle -> inode, for the handles whose descriptor reads a lower file's data
+        #: (opened for reading before a copy-up): moved to the copy when it is made.
+        #: Plain ints, no container a handle: opens are the commonest request.
+        self._reading_below: dict[int, int] = {}
         self._next_fh = 1
         #: The C session helper when it answers READs (``read_in_c``), else None.
         self._fast: Any = None
@@ -650,7 +651,7 @@ class UnionOperations(pyfuse3.Operations):
             _start_reading(fd)
         info = self._file_info(node, fd)
         if node.layer != 0 or node.metacopy:
-            self._reading_below.setdefault(node.ino, set()).add(info.fh)
+            self._reading_below[info.fh] = node.ino
         return info
 
     def _read_the_copy(self, node: Node) -> None:
@@ -662,7 +663,9 @@ class UnionOperations(pyfuse3.Operations):
         descriptor number, so a READ in flight in a C worker thread reads one
         file or the other, both holding the same bytes at this moment.
         """
-        for fh in self._reading_below.pop(node.ino, ()):
+        moved = [fh for fh, ino in self._reading_below.items() if ino == node.ino]
+        for fh in moved:
+            del self._reading_below[fh]
             handle = self._files.get(fh)
             if handle is None:
                 continue
@@ -709,11 +712,7 @@ class UnionOperations(pyfuse3.Operations):
     def release(self, fh: int) -> None:
         handle = self._files.pop(fh, None)
         if handle is not None:
-            below = self._reading_below.get(handle.node.ino)
-            if below is not None:
-                below.discard(fh)
-                if not below:
-                    del self._reading_below[handle.node.ino]
+            self._reading_below.pop(fh, None)
             if self._fast is not None:
                 self._fast.unregister(fh)
             os.close(handle.fd)

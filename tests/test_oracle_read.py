@@ -39,6 +39,7 @@ from support import (
     convert_layers,
     diff_snapshots,
     errno_of,
+    helper_opts,
     inode_map,
     make_layers,
     mount_entry,
@@ -652,3 +653,37 @@ def test_unprivileged_user_reads_the_merged_view(unpriv_tmp, unpriv_user, unionf
     assert errno_of(lambda: os.stat(m.mnt / "file")) == errno.EACCES, (
         "root is kept out of a user's mount without allow_other"
     )
+
+
+def _listings_across_a_rewind(mnt: Path) -> dict[str, list[str]]:
+    """One open directory read, changed through the mount, then read again from its
+    start (os.listdir of a descriptor rewinds the shared stream): POSIX's rewinddir
+    shows the directory as it is now."""
+    d = mnt / "d"
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        first = sorted(os.listdir(fd))
+        (d / "made").write_text("new\n")
+        os.unlink(d / "lowerfile")
+        (d / "other").rename(d / "renamed")
+        again = sorted(os.listdir(fd))
+    finally:
+        os.close(fd)
+    return {"first": first, "after the rewind": again}
+
+
+def test_a_rewound_directory_stream_shows_the_changes(tmp, unionfs, kernel_overlay, helper_mode):
+    got, want = {}, {}
+    for side, out in (("k", want), ("u", got)):
+        lower, upper = tmp / f"{side}-lower", tmp / f"{side}-upper"
+        (lower / "d").mkdir(parents=True)
+        (lower / "d" / "lowerfile").write_text("x\n")
+        (lower / "d" / "other").write_text("y\n")
+        upper.mkdir()
+        if side == "k":
+            mnt = kernel_overlay([lower], upper).mnt
+        else:
+            mnt = unionfs([lower], upper, opts=helper_opts(helper_mode)).mnt
+        out.update(_listings_across_a_rewind(mnt))
+    assert got == want
+    assert want["after the rewind"] == ["made", "renamed"]

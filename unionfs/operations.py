@@ -209,7 +209,9 @@ class FileHandle:
 
 @dataclass(slots=True)
 class DirHandle:
-    """An open directory: the merged listing, taken once per opendir.
+    """An open directory: the merged listing, taken at its first readdir and again
+    at each rewind (a readdir from offset 0: ``rewinddir`` must show the
+    directory as it is now, as a new ``opendir`` would).
 
     Offsets are list indices + 1, so seekdir/telldir and concurrent readers
     (each with its own handle) see every name exactly once.
@@ -475,7 +477,7 @@ class UnionOperations(pyfuse3.Operations):
         handle = self._dirs[fh]
         node = handle.node
         assert node.dir_layers is not None
-        if handle.names is None:
+        if handle.names is None or start_id == 0:
             stale = node.listing is None or node.listing_gen != self.stack.generation
             self._listing_counts[stale] += 1
             if stale:

@@ -621,12 +621,14 @@ class LayerStack:
         parent_layers: tuple[int, ...],
         xwh: frozenset[int],
         flags: int,
-    ) -> int:
-        """Open the lower data of metacopy upper file ``dirpath/name`` for reading."""
+    ) -> tuple[int, int]:
+        """Open the lower data of metacopy upper file ``dirpath/name`` for reading:
+        (its layer, the descriptor)."""
         below = tuple(i for i in parent_layers if not self.layers[i].writable)
         layer, ddir, dname, _ = self.metacopy_data(dirpath, name, below, xwh)
         keep = flags & (os.O_ACCMODE | os.O_NOATIME)
-        return os.open(dname, keep | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.dirfd(layer, ddir))
+        fd = os.open(dname, keep | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=self.dirfd(layer, ddir))
+        return layer, fd
 
     def root_entry(self) -> Entry:
         """The merged root: every layer's root merges.

@@ -200,7 +200,8 @@ def _masked(mode: int, umask: int, default_acl: bool) -> int:
 
 @dataclass(slots=True)
 class FileHandle:
-    """An open file: the real descriptor and the layer it was opened in."""
+    """An open file: the real descriptor and the layer whose file it reads (a metacopy's
+    lower data layer; 0 once the copy holds the data, see ``_read_the_copy``)."""
 
     fd: int
     node: Node
@@ -238,10 +239,6 @@ class UnionOperations(pyfuse3.Operations):
         self.is_root = os.geteuid() == 0
         self._dirs: dict[int, DirHandle] = {}
         self._files: dict[int, FileHandle] = {}
-        #: Handle -> inode, for the handles whose descriptor reads a lower file's data
-        #: (opened for reading before a copy-up): moved to the copy when it is made.
-        #: Plain ints, no container a handle: opens are the commonest request.
-        self._reading_below: dict[int, int] = {}
         self._next_fh = 1
         #: The C session helper when it answers READs (``read_in_c``), else None.
         self._fast: Any = None
@@ -559,9 +556,9 @@ class UnionOperations(pyfuse3.Operations):
             dir_fd=self.stack.dirfd(node.layer, node.dirpath()),
         )
 
-    def _file_info(self, node: Node, fd: int) -> pyfuse3.FileInfo:
+    def _file_info(self, node: Node, fd: int, layer: int | None = None) -> pyfuse3.FileInfo:
         fh = self._new_fh()
-        self._files[fh] = FileHandle(fd, node, node.layer)
+        self._files[fh] = FileHandle(fd, node, node.layer if layer is None else layer)
         if self._fast is not None:
             self._fast.register(fh, fd)  # False (a slot taken): ``read`` below answers
         return pyfuse3.FileInfo(fh=fh, keep_cache=True)
@@ -645,16 +642,13 @@ class UnionOperations(pyfuse3.Operations):
             return self._open_for_writing(node, flags, truncate)
         if node.metacopy:  # metadata only in the upper: read the lower's data
             assert node.parent is not None and node.parent.dir_layers is not None
-            fd = self.stack.open_metacopy_data(
+            layer, fd = self.stack.open_metacopy_data(
                 node.dirpath(), node.name, node.parent.dir_layers, node.parent.xwh_layers, flags
             )
-        else:
-            fd = self._open_fd(node, flags)
-            _start_reading(fd)
-        info = self._file_info(node, fd)
-        if node.layer != 0 or node.metacopy:
-            self._reading_below[info.fh] = node.ino
-        return info
+            return self._file_info(node, fd, layer)
+        fd = self._open_fd(node, flags)
+        _start_reading(fd)
+        return self._file_info(node, fd)
 
     def _read_the_copy(self, node: Node) -> None:
         """Point the handles still reading ``node``'s lower data at its new copy.
@@ -665,11 +659,8 @@ class UnionOperations(pyfuse3.Operations):
         descriptor number, so a READ in flight in a C worker thread reads one
         file or the other, both holding the same bytes at this moment.
         """
-        moved = [fh for fh, ino in self._reading_below.items() if ino == node.ino]
-        for fh in moved:
-            del self._reading_below[fh]
-            handle = self._files.get(fh)
-            if handle is None:
+        for fh, handle in self._files.items():  # a scan a copy-up: open files are few
+            if handle.node is not node or handle.layer == 0:
                 continue
             try:
                 new = self._open_fd(node, fcntl.fcntl(handle.fd, fcntl.F_GETFL))
@@ -714,7 +705,6 @@ class UnionOperations(pyfuse3.Operations):
     def release(self, fh: int) -> None:
         handle = self._files.pop(fh, None)
         if handle is not None:
-            self._reading_below.pop(fh, None)
             if self._fast is not None:
                 self._fast.unregister(fh)
             os.close(handle.fd)
